@@ -1,0 +1,385 @@
+"""Typed configuration: one dataclass per component, YAML files, dotted overrides, validation.
+
+    cfg = load_config("configs/demo.yaml", ["parallel.tensor_model_parallel_size=2"])
+    validate(cfg, world_size=4)
+
+Everything is checked before any process group starts: unknown keys (with the closest valid
+key), wrong types, and combinations megatron-core cannot run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention
+    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden (gelu) or 8/3 x hidden (swiglu)
+    seq_length: int = 128  # model input length; samples hold seq_length + 1 tokens
+    max_position_embeddings: Optional[int] = None  # None: seq_length
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: int = 10000
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    add_bias_linear: bool = False
+    make_vocab_size_divisible_by: int = 128
+    # "auto": Transformer Engine layers when TE imports on a GPU, else the local spec.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Core attention of the local spec: PyTorch SDPA (flash / memory-efficient kernels) or
+    # megatron-core's DotProductAttention, which materialises the full score matrix.
+    core_attention: Literal["sdpa", "megatron"] = "sdpa"
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    distributed_timeout_minutes: float = 10.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # Prefix of a .bin/.idx pair (with its .vocab.json sidecar). None: the embedded synthetic
+    # demo corpus, generated on first use under cache_dir.
+    data_path: Optional[str] = None
+    cache_dir: str = ".cache/demo_corpus"
+    text_vocab_size: int = 128  # ids of the text tokenizer (the layout checks the sidecar)
+    image_vocab_size: int = 256  # VQ codebook size
+    image_tokens_per_sample: int = 64
+    split: str = "90,5,5"  # train, valid, test weights over documents
+    loss_on_captions: bool = True
+    # synthetic demo corpus
+    synthetic_samples: int = 3000
+    synthetic_image_size: int = 32
+    synthetic_patch_size: int = 4
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_iters: Optional[int] = None  # None: train.train_iters
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo"
+    train_iters: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 1
+    eval_interval: Optional[int] = None  # None: no validation during training
+    eval_iters: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine on a GPU
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    engine: Literal["megatron"] = "megatron"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_interval: Optional[int] = None  # None: save only at the end
+    save_at_end: bool = True
+    dir: Optional[str] = None  # None: <train.run_dir>/checkpoints
+    resume: bool = True  # resume from <dir>/latest when it exists
+    save_optimizer: bool = True
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron_t2i"
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_tags: list[str] = dataclasses.field(default_factory=list)
+    wandb_mode: Literal["offline", "online"] = "offline"
+    peak_tflops_per_gpu: float = 989.0  # dense bf16 peak of an H100/H200 SXM
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.train.run_dir) / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- loading -----------------------------------------------------------------------------
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (safe_load) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: must be a mapping")
+        raw[section][key] = value
+    return config_from_dict(raw, source=str(path) if path else "<overrides>")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section {section!r}{_suggest(section, sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{key}"
+                                  f"{_suggest(key, hints, prefix=section + '.')}")
+            setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: the key must be section.key, "
+                          f"for example parallel.tensor_model_parallel_size=2")
+    return parts[0], parts[1], yaml.safe_load(text) if text.strip() else None
+
+
+def _suggest(name: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}"
+                              f"{_suggest(str(value), [str(a) for a in args])}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value] if args else list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+# ---- validation --------------------------------------------------------------------------
+
+def world_size_from_env() -> int:
+    """The number of processes the launcher started, read before any process group exists."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def transformer_engine_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def uses_transformer_engine(cfg: Config) -> bool:
+    if cfg.model.transformer_impl == "local" or _device(cfg) == "cpu":
+        return False
+    if cfg.model.transformer_impl == "transformer_engine":
+        return True
+    return transformer_engine_available()
+
+
+def _device(cfg: Config) -> str:
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Refuse combinations megatron-core cannot run, naming the keys involved."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                   p.virtual_pipeline_model_parallel_size)
+    _positive(cfg, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                    "model.seq_length", "parallel.tensor_model_parallel_size",
+                    "parallel.pipeline_model_parallel_size", "train.train_iters",
+                    "train.micro_batch_size", "train.global_batch_size", "train.log_interval",
+                    "data.text_vocab_size", "data.image_tokens_per_sample"])
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % tp:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible "
+                          f"by parallel.tensor_model_parallel_size={tp}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups or groups % tp:
+        raise ConfigError(f"model.num_query_groups={groups} must divide "
+                          f"model.num_attention_heads and be divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
+    if vpp is not None:
+        if pp < 2 or vpp < 2:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                              "parallel.pipeline_model_parallel_size >= 2 and a value >= 2")
+    if m.num_layers % (pp * (vpp or 1)):
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
+                          f"parallel.pipeline_model_parallel_size x "
+                          f"virtual_pipeline_model_parallel_size = {pp * (vpp or 1)}")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by "
+                          f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}")
+    dp = world_size // (tp * pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x data-parallel size = "
+                          f"{t.micro_batch_size} x {dp}")
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if vpp is not None and microbatches % pp:
+        raise ConfigError(f"the interleaved schedule needs the number of microbatches "
+                          f"({microbatches}) to be a multiple of "
+                          f"parallel.pipeline_model_parallel_size={pp}")
+    te = uses_transformer_engine(cfg)
+    if p.sequence_parallel and not te:
+        raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers "
+                          "(megatron-core's local spec uses torch LayerNorm, which cannot); "
+                          "set parallel.sequence_parallel=false or install transformer-engine")
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+    if t.fp8 is not None and not te:
+        raise ConfigError("train.fp8 needs Transformer Engine on a GPU")
+    if m.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine "
+                          "does not import on a CUDA device here")
+    if _device(cfg) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs "
+                          "parallel.use_distributed_optimizer=true")
+    budget = caption_budget(cfg)
+    if budget < 1:
+        raise ConfigError(f"model.seq_length={m.seq_length} leaves no room for a caption: "
+                          f"a sample holds [bos] caption [boi] "
+                          f"{cfg.data.image_tokens_per_sample} image codes [eoi]")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
+    _split_weights(cfg.data.split)
+
+
+def caption_budget(cfg: Config) -> int:
+    """Caption tokens that fit: seq_length + 1 = 1 + caption + 1 + image + 1."""
+    return cfg.model.seq_length + 1 - 3 - cfg.data.image_tokens_per_sample
+
+
+def _split_weights(split: str) -> list[float]:
+    try:
+        weights = [float(x) for x in split.split(",")]
+    except ValueError:
+        raise ConfigError(f"data.split={split!r}: expected three comma-separated weights") from None
+    if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0:
+        raise ConfigError(f"data.split={split!r}: expected three weights >= 0, train > 0")
+    return weights
+
+
+def _positive(cfg: Config, keys: list[str]) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def save_resolved(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,193 @@
+"""CUDA + NCCL when GPUs are present; CPU + gloo otherwise.
+
+megatron-core 0.16.1 assumes CUDA in a handful of places (see ../shared/stack-facts.md):
+the RNG tracker, `torch.cuda.current_device()`, hard-coded `device="cuda"` / `.cuda()` in the
+pipeline schedules and p2p code, `torch.cuda.synchronize`, streams and events in DDP, and
+`Tensor.type()` string checks in grad clipping and the optimizers.
+
+On the CPU platform, `install_cpu_compat()` makes that code run unmodified:
+- a `TorchFunctionMode` maps every CUDA device argument to the CPU, makes `.cuda()` a no-op
+  and answers `Tensor.type()` with the CUDA type name megatron-core expects;
+- `torch.cuda.*` functions megatron-core calls are replaced with CPU equivalents (RNG state of
+  the CPU generator, no-op synchronize, inert streams and events);
+- megatron-core's private CUDA RNG getters/setters read and write the CPU generator, so the
+  RNG tracker keeps its named states there.
+Everything replaced is remembered and put back by `uninstall_cpu_compat()`. It is never
+installed on the CUDA platform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    device_type: str  # "cuda" | "cpu"
+    backend: str  # "nccl" | "gloo"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+    def device(self) -> torch.device:
+        if self.is_cuda:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def select_platform(device: str = "auto", backend: str = "auto") -> Platform:
+    """Choose the platform, and on the CPU install the compatibility layer."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA device is visible")
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cpu":
+        install_cpu_compat()
+    else:
+        uninstall_cpu_compat()
+    return Platform(device_type=device, backend=backend)
+
+
+# ---- the compatibility layer --------------------------------------------------------------
+
+def _is_cuda_device(value: Any) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value.startswith("cuda")
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Runs CUDA-addressed tensor code on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a
+                         for i, a in enumerate(args))
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stands in for torch.cuda.Stream / Event: on the CPU everything is already in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda *a, **k: None
+
+    def __enter__(self) -> _InertStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+@contextlib.contextmanager
+def _null_context(*args: Any, **kwargs: Any):
+    yield
+
+
+def _cuda_replacements() -> dict[str, Any]:
+    return {
+        "current_device": lambda: 0,
+        "set_device": lambda *a, **k: None,
+        "device_count": lambda: 1,
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda state, device="cuda": torch.set_rng_state(state),
+        "manual_seed": lambda seed: torch.random.default_generator.manual_seed(int(seed)),
+        "manual_seed_all": lambda seed: torch.random.default_generator.manual_seed(int(seed)),
+        "Stream": _InertStream,
+        "Event": _InertStream,
+        "current_stream": lambda *a, **k: _InertStream(),
+        "default_stream": lambda *a, **k: _InertStream(),
+        "stream": _null_context,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+    }
+
+
+def _megatron_replacements() -> list[tuple[Any, str, Any]]:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    return [(mrandom, "_get_cuda_rng_state", get_state),
+            (mrandom, "_set_cuda_rng_state", set_state)]
+
+
+@dataclasses.dataclass
+class _Installed:
+    mode: _CudaToCpuMode
+    saved: list[tuple[Any, str, Any]]
+
+
+_installed: _Installed | None = None
+
+
+def install_cpu_compat() -> None:
+    """Idempotent. Only ever called by `select_platform` for the CPU platform."""
+    global _installed
+    if _installed is not None:
+        return
+    saved = []
+    targets = [(torch.cuda, name, fn) for name, fn in _cuda_replacements().items()]
+    targets += _megatron_replacements()
+    for module, name, replacement in targets:
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, replacement)
+    mode = _CudaToCpuMode()
+    mode.__enter__()
+    _installed = _Installed(mode=mode, saved=saved)
+
+
+def uninstall_cpu_compat() -> None:
+    global _installed
+    if _installed is None:
+        return
+    _installed.mode.__exit__(None, None, None)
+    for module, name, original in reversed(_installed.saved):
+        setattr(module, name, original)
+    _installed = None
+
+
+def cpu_compat_active() -> bool:
+    return _installed is not None

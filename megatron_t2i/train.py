@@ -1,0 +1,44 @@
+"""Training entry point.
+
+    python -m megatron_t2i.train --config configs/demo.yaml [section.key=value ...]
+    torchrun --nproc_per_node 2 -m megatron_t2i.train --config configs/demo.yaml
+    t2i-train --config ...   (the same, as a console script)
+
+The configuration is validated against the launch's world size before any process group
+starts; a bad config exits with status 2 and a message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_t2i.config import ConfigError, load_config, validate, world_size_from_env
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="t2i-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    # DeepSpeed's launcher appends --local_rank=N; the rank comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size_from_env())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_t2i.training.trainer import run  # heavy imports after validation
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

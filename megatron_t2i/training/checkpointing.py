@@ -1,0 +1,234 @@
+"""Distributed checkpoints (megatron-core dist_checkpointing, torch_dist format).
+
+Layout of `<checkpoint dir>`:
+
+    iter_0000100/          one dist_checkpointing folder per save
+        meta.json          iteration, consumed samples, config, vocabulary layout, padded
+                           vocab size and the parallel layout it was saved with (plain JSON)
+        ...                dist_checkpointing's own files (model, optimizer, scheduler, RNG)
+    latest                 the iteration of the newest *complete* save
+
+A save writes into `iter_N.tmp/`, waits for every rank, renames the folder and only then
+rewrites `latest` (through a temporary file and an atomic rename). A job killed at any point
+of a save leaves `latest` on the previous complete checkpoint.
+
+Loading works under other TP / PP / DP sizes: dist_checkpointing reshards the model tensors.
+The optimizer state is reloaded when the parallel layout is unchanged; after a change of
+TP/PP only the non-distributed optimizer's state (whose tensors follow the model's keys)
+can be resharded, so the distributed optimizer starts afresh there, with a warning. RNG states
+are per (PP, TP) rank and are reloaded only on the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_t2i.vocab import VocabLayout
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}"
+
+
+def read_latest(root: Path) -> int | None:
+    """The iteration of the newest complete checkpoint under root, or None."""
+    marker = root / "latest"
+    if not marker.exists():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    folder = iteration_dir(root, iteration)
+    if not (folder / "meta.json").exists():
+        raise CheckpointError(f"{marker} names iteration {iteration} but {folder}/meta.json "
+                              f"is missing: the checkpoint folder is incomplete or was removed")
+    return iteration
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / "meta.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} is not a megatron_t2i checkpoint: no meta.json")
+    return json.loads(path.read_text())
+
+
+def parallel_layout() -> dict[str, int]:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size":
+            parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides tensors."""
+
+    iteration: int
+    consumed_samples: int
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_sharded_object(is_loading: bool) -> ShardedObject:
+    pp, tp = (parallel_state.get_pipeline_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_rank())
+    state = None if is_loading else {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state", state,
+        (parallel_state.get_pipeline_model_parallel_world_size(),
+         parallel_state.get_tensor_model_parallel_world_size()),
+        (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
+
+
+def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
+                    scheduler, meta: dict[str, Any], save_optimizer: bool = True) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    rank = dist.get_rank()
+    final = iteration_dir(root, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir()
+    dist.barrier()
+    sharded = model_sharded_state_dict(chunks)
+    if save_optimizer:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
+                                                            metadata=OPTIM_METADATA)
+    sharded["opt_param_scheduler"] = scheduler.state_dict()
+    sharded["rng_state"] = _rng_sharded_object(is_loading=False)
+    sharded["iteration"] = state.iteration
+    sharded["consumed_samples"] = state.consumed_samples
+    dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+    dist.barrier()
+    if rank == 0:
+        full_meta = dict(meta, iteration=state.iteration,
+                         consumed_samples=state.consumed_samples,
+                         parallel=parallel_layout(), has_optimizer=save_optimizer)
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, state.iteration)
+    dist.barrier()
+    return final
+
+
+def _write_latest(root: Path, iteration: int) -> None:
+    tmp = root / "latest.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "latest")
+
+
+def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
+                    layout: VocabLayout, padded_vocab_size: int, load_optimizer: bool = True,
+                    ) -> tuple[TrainState, dict[str, Any]]:
+    """Load model (resharded as needed), optimizer, scheduler, RNG and the train state."""
+    meta = read_meta(folder)
+    _check_vocab(folder, meta, layout, padded_vocab_size)
+    same_layout = _same_parallel_layout(meta.get("parallel", {}))
+    sharded = model_sharded_state_dict(chunks)
+    with_optimizer = load_optimizer and meta.get("has_optimizer", False)
+    if with_optimizer and not same_layout and _uses_distributed_optimizer(optimizer):
+        if dist.get_rank() == 0:
+            print(f"[checkpoint] {folder}: the parallel layout changed "
+                  f"({meta['parallel']} -> {parallel_layout()}); the distributed optimizer's "
+                  f"state is not reshardable across TP/PP, so it starts afresh", flush=True)
+        with_optimizer = False
+    if with_optimizer:
+        _init_optimizer_states(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                            metadata=OPTIM_METADATA)
+    if same_layout:
+        sharded["rng_state"] = _rng_sharded_object(is_loading=True)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(folder))
+    _apply_model(chunks, loaded)
+    if with_optimizer:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    return TrainState(int(loaded["iteration"]), int(loaded["consumed_samples"])), meta
+
+
+def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+        return
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
+
+
+def _check_vocab(folder: Path, meta: dict[str, Any], layout: VocabLayout, padded: int) -> None:
+    saved = VocabLayout.from_dict(meta["vocab"])
+    layout.check_matches(saved, mine="the training data and config",
+                         theirs=f"checkpoint {folder}")
+    if meta["padded_vocab_size"] != padded:
+        raise CheckpointError(
+            f"checkpoint {folder} has a padded vocabulary of {meta['padded_vocab_size']} rows, "
+            f"this run expects {padded}")
+
+
+def _same_parallel_layout(saved: dict[str, int]) -> bool:
+    now = parallel_layout()
+    keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "virtual_pipeline_model_parallel_size")
+    return all(saved.get(k) == now[k] for k in keys)
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _init_optimizer_states(optimizer) -> None:
+    """dist_checkpointing needs the optimizer's state tensors to exist before a load."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None:
+            init()
+        elif hasattr(inner, "init_state_fn") and inner.init_state_fn is not None:
+            inner.init_state_fn(inner.optimizer, inner.config)
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

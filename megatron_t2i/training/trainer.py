@@ -1,0 +1,306 @@
+"""The training loop: setup, train_step, evaluate, checkpoint.
+
+    trainer = Trainer(cfg); trainer.setup(); trainer.train()
+
+One global batch per iteration = micro_batch_size x data-parallel size x microbatches.
+megatron-core's `get_forward_backward_func` runs the microbatches (no pipelining, 1F1B or
+interleaved 1F1B), its DDP reduces gradients (overlapped when configured) and its optimizer
+(optionally distributed) steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_t2i.config import Config, save_resolved
+from megatron_t2i.data.loader import DataPipeline, build_data_pipeline
+from megatron_t2i.distributed import destroy_distributed, init_distributed
+from megatron_t2i.model.gpt import build_model_chunks, params_dtype
+from megatron_t2i.platform import Platform, select_platform
+from megatron_t2i.training import checkpointing
+from megatron_t2i.training.flops import flops_per_iteration
+from megatron_t2i.training.loss import masked_loss, reduce_reports
+from megatron_t2i.training.metrics import MetricsLogger, Throughput
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.platform: Platform = select_platform(cfg.train.device,
+                                                  cfg.parallel.distributed_backend)
+        init_distributed(cfg.parallel, self.platform.device_type)
+        self._seed(cfg.train.seed)
+        self.rank = dist.get_rank()
+        self.run_dir = Path(cfg.train.run_dir)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        self.data: DataPipeline = build_data_pipeline(cfg, self.platform)
+        self.padded_vocab_size = self._padded_vocab_size()
+        self.chunks = build_model_chunks(cfg, self.padded_vocab_size, self.platform.is_cuda)
+        self.model = self._wrap_ddp(self.chunks)
+        self.optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
+        self.scheduler = self._scheduler()
+        self._wire_schedule_hooks()
+        self._maybe_resume()
+        self.throughput = self._throughput()
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(),
+                                     is_writer=self._is_writer())
+        self._log_startup()
+
+    def _seed(self, seed: int) -> None:
+        # Same seed on every rank: the model is initialised parallel-invariantly anyway
+        # (model/gpt.py); the tracker gives TP ranks distinct dropout streams.
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def _padded_vocab_size(self) -> int:
+        """Megatron's padding rule, unless a checkpoint to resume already fixed the size."""
+        resume = self._resume_folder()
+        if resume is not None:
+            padded = checkpointing.read_meta(resume)["padded_vocab_size"]
+            tp = self.cfg.parallel.tensor_model_parallel_size
+            if padded % tp:
+                raise checkpointing.CheckpointError(
+                    f"checkpoint {resume} has {padded} vocabulary rows, which "
+                    f"tensor_model_parallel_size={tp} cannot divide; re-pad it with "
+                    f"tools/resize_vocab.py")
+            return padded
+        return self.data.layout.padded_size(self.cfg.model.make_vocab_size_divisible_by,
+                                            self.cfg.parallel.tensor_model_parallel_size)
+
+    def _throughput(self) -> Throughput:
+        cfg = self.cfg
+        flops = flops_per_iteration(cfg.model, self.padded_vocab_size, cfg.model.seq_length,
+                                    cfg.train.global_batch_size,
+                                    recompute_full=cfg.train.recompute_granularity == "full")
+        return Throughput(tokens_per_iteration=cfg.train.global_batch_size * cfg.model.seq_length,
+                          flops_per_iteration=flops, world_size=dist.get_world_size(),
+                          peak_tflops_per_gpu=cfg.logging.peak_tflops_per_gpu)
+
+    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
+        p = self.cfg.parallel
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                        disable_bucketing=i > 0)
+                for i, c in enumerate(chunks)]
+
+    def _optimizer_config(self) -> OptimizerConfig:
+        o = self.cfg.optim
+        return OptimizerConfig(
+            optimizer="adam",  # megatron's "adam" is decoupled weight decay, i.e. AdamW
+            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=self.cfg.train.precision == "bf16",
+            params_dtype=params_dtype(self.cfg),
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+            overlap_param_gather=self.cfg.parallel.overlap_param_gather,
+        )
+
+    def _scheduler(self) -> OptimizerParamScheduler:
+        o, t = self.cfg.optim, self.cfg.train
+        decay_iters = o.lr_decay_iters or t.train_iters
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.lr_warmup_iters else o.lr, max_lr=o.lr,
+            min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_iters,
+            lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1),
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=t.train_iters, wd_incr_style="constant")
+
+    def _wire_schedule_hooks(self) -> None:
+        config = self.chunks[0].config
+        config.calculate_per_token_loss = True
+        no_sync = [m.no_sync for m in self.model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if self.cfg.parallel.overlap_grad_reduce:
+            sync = [m.start_grad_sync for m in self.model]
+            config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+        config.finalize_model_grads_func = finalize_model_grads
+
+    # ---- resume --------------------------------------------------------------------------
+    def _resume_folder(self) -> Path | None:
+        if not self.cfg.checkpoint.resume:
+            return None
+        iteration = checkpointing.read_latest(self.cfg.checkpoint_dir)
+        return None if iteration is None else checkpointing.iteration_dir(
+            self.cfg.checkpoint_dir, iteration)
+
+    def _maybe_resume(self) -> None:
+        folder = self._resume_folder()
+        if folder is None:
+            return
+        state, _ = checkpointing.load_checkpoint(
+            folder, self.chunks, self.optimizer, self.scheduler, self.data.layout,
+            self.padded_vocab_size)
+        self.iteration, self.consumed_samples = state.iteration, state.consumed_samples
+        self.data.set_consumed_samples(self.consumed_samples)
+        self._print(f"resumed from {folder} at iteration {self.iteration} "
+                    f"({self.consumed_samples} samples consumed)")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        while self.iteration < cfg.train.train_iters:
+            start = time.perf_counter()
+            self.data.data_wait.pop()
+            report = self.train_step()
+            elapsed = time.perf_counter() - start
+            self.iteration += 1
+            self.consumed_samples += cfg.train.global_batch_size
+            last = report
+            if self.iteration % cfg.train.log_interval == 0:
+                self._log_train(report, elapsed)
+            if cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0:
+                self.metrics.log_eval(self.iteration, self.evaluate())
+            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+        if cfg.checkpoint.save_at_end and not self._saved_at(self.iteration):
+            self.save()
+        return last
+
+    def train_step(self) -> dict[str, float]:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._forward_backward(self.data.train_iterators(), forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        out = self._reduce_on_last_stage(reports)
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = lr
+        out["skipped"] = 0.0 if ok else 1.0
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        for m in self.model:
+            m.eval()
+        reports = []
+        iterators = self.data.valid_iterators()
+        for _ in range(self.cfg.train.eval_iters):
+            reports += self._forward_backward(iterators, forward_only=True)
+        for m in self.model:
+            m.train()
+        out = self._reduce_on_last_stage(reports)
+        return {k: v for k, v in out.items() if not k.endswith("_tokens")}
+
+    def _forward_backward(self, iterators: list[Iterator], forward_only: bool) -> list[dict]:
+        t = self.cfg.train
+        fwd_bwd = get_forward_backward_func()
+        return fwd_bwd(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=self.data.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
+        batch = next(data_iterator)
+        output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                       attention_mask=None, labels=batch["labels"])
+        return output, functools.partial(masked_loss, loss_mask=batch["loss_mask"],
+                                         modality=batch["modality"])
+
+    def _reduce_on_last_stage(self, reports: list[dict]) -> dict[str, float]:
+        """Loss means over the global batch, broadcast from the last pipeline stage."""
+        values = torch.zeros(6, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            means = reduce_reports(reports, parallel_state.get_data_parallel_group())
+            values = torch.tensor([means["loss"], means["loss_text"], means["loss_image"],
+                                   means["loss_tokens"], means["loss_text_tokens"],
+                                   means["loss_image_tokens"]], dtype=torch.float64)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            values = values.to(self.platform.device())
+            dist.broadcast(values, last, group=parallel_state.get_pipeline_model_parallel_group())
+        keys = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
+                "loss_image_tokens")
+        return dict(zip(keys, values.cpu().tolist()))
+
+    # ---- logging and saving --------------------------------------------------------------
+    def _log_train(self, report: dict[str, float], elapsed: float) -> None:
+        cfg = self.cfg
+        scalars = dict(report, consumed_samples=self.consumed_samples)
+        scalars.update(self.throughput.scalars(elapsed, self.data.data_wait.pop()))
+        if self.platform.is_cuda:
+            scalars["memory_gib"] = torch.cuda.memory_allocated() / 2**30
+            scalars["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.metrics.log(self.iteration, scalars)
+
+    def save(self) -> None:
+        meta = {"config": self.cfg.to_dict(), "vocab": self.data.layout.to_dict(),
+                "padded_vocab_size": self.padded_vocab_size}
+        state = checkpointing.TrainState(self.iteration, self.consumed_samples)
+        folder = checkpointing.save_checkpoint(
+            self.cfg.checkpoint_dir, state, self.chunks, self.optimizer, self.scheduler, meta,
+            save_optimizer=self.cfg.checkpoint.save_optimizer)
+        self._last_save = self.iteration
+        self._print(f"saved checkpoint {folder}")
+
+    def _saved_at(self, iteration: int) -> bool:
+        return getattr(self, "_last_save", None) == iteration
+
+    def _is_writer(self) -> bool:
+        return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
+
+    def _log_startup(self) -> None:
+        n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
+        counts = torch.tensor([n_params], dtype=torch.int64, device=self.platform.device())
+        dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+        p = checkpointing.parallel_layout()
+        self._print(f"platform {self.platform.device_type}/{self.platform.backend}, "
+                    f"world {dist.get_world_size()} = TP {p['tensor_model_parallel_size']} x "
+                    f"PP {p['pipeline_model_parallel_size']} x DP {p['data_parallel_size']}; "
+                    f"{int(counts.item()):,} parameters (with embeddings); vocabulary "
+                    f"{self.data.layout.size} ids padded to {self.padded_vocab_size}; "
+                    f"{self.data.num_microbatches} microbatches per step")
+
+    def _print(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[megatron_t2i] {message}", flush=True)
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy_distributed()
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

