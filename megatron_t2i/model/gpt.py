@@ -67,8 +67,11 @@ def transformer_config(cfg: Config, on_cuda: bool) -> TransformerConfig:
         bf16=dtype == torch.bfloat16,
         autocast_dtype=dtype,
         use_cpu_initialization=not on_cuda,
-        # parameters are re-drawn by init_parameters(); skip megatron's first draw
-        perform_initialization=False,
+        # megatron's initialisation path also tags tensor-parallel parameters (which grad-norm
+        # and the optimizers rely on); its draw is skipped since init_parameters() redraws all
+        perform_initialization=True,
+        init_method=_skip_init,
+        output_layer_init_method=_skip_init,
         # fused kernels need CUDA (and apex / TE); the unfused paths are exact equivalents
         bias_activation_fusion=on_cuda and swiglu and not m.add_bias_linear,
         masked_softmax_fusion=False,
@@ -78,8 +81,15 @@ def transformer_config(cfg: Config, on_cuda: bool) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         batch_p2p_comm=True,
         deallocate_pipeline_outputs=on_cuda,
+        # the loss is a mean over all loss tokens of the global batch (training/loss.py);
+        # DDP reads this at construction to sum rather than average across DP
+        calculate_per_token_loss=True,
         **extra,
     )
+
+
+def _skip_init(weight: torch.Tensor) -> None:
+    """Leaves the weight as allocated: init_parameters() draws every parameter."""
 
 
 def layer_spec(cfg: Config) -> ModuleSpec:
@@ -142,10 +152,16 @@ def init_parameters(chunks: list[GPTModel], cfg: Config) -> None:
         for chunk in chunks:
             sharded = chunk.sharded_state_dict(prefix="")
             apply_factories(sharded)
+            filled = set()
             for st in _sharded_tensors(sharded):
                 if st.key.endswith("_extra_state") or not st.data.is_floating_point():
                     continue
                 _fill_slice(st, cfg.train.seed, _init_kind(st.key), std, scaled_std)
+                filled.add(st.data.untyped_storage().data_ptr())
+            for name, param in chunk.named_parameters():
+                if param.untyped_storage().data_ptr() not in filled:
+                    raise RuntimeError(f"init_parameters: {name} is not in the sharded state "
+                                       f"dict, so it would keep uninitialised memory")
 
 
 def _sharded_tensors(tree: Any):

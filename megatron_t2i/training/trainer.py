@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -134,7 +135,6 @@ class Trainer:
 
     def _wire_schedule_hooks(self) -> None:
         config = self.chunks[0].config
-        config.calculate_per_token_loss = True
         no_sync = [m.no_sync for m in self.model]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         if self.cfg.parallel.overlap_grad_reduce:
@@ -250,7 +250,6 @@ class Trainer:
 
     # ---- logging and saving --------------------------------------------------------------
     def _log_train(self, report: dict[str, float], elapsed: float) -> None:
-        cfg = self.cfg
         scalars = dict(report, consumed_samples=self.consumed_samples)
         scalars.update(self.throughput.scalars(elapsed, self.data.data_wait.pop()))
         if self.platform.is_cuda:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Train on this machine with NP processes started by Open MPI's mpirun (pip install '.[mpi]').
+#   NP=2 launch/mpirun_local.sh --config configs/demo.yaml
+# megatron_t2i.distributed gets rank and size from mpi4py and broadcasts rank 0's address.
+set -euo pipefail
+# Unlike torchrun, mpirun leaves the thread count alone: every rank would start one OpenMP
+# thread per core and the ranks would oversubscribe the CPU many times over.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# --oversubscribe: allow more ranks than Open MPI counts slots (cores) on a small machine;
+# -x: forward the variable to ranks on other hosts too.
+exec mpirun --allow-run-as-root --oversubscribe -np "${NP:-2}" -x OMP_NUM_THREADS \
+    python -m megatron_t2i.train "$@"

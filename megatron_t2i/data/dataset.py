@@ -1,0 +1,108 @@
+"""Fixed-length training samples from token files: one document per sample.
+
+A stored document is `[bos] caption [boi] image codes [eoi]` (image-only documents have an
+empty caption; text-only documents have no `<boi>`). A sample holds seq_length + 1 tokens,
+padded with the layout's pad id; `tokens` is the sample without its last token and `labels`
+without its first, so position t predicts labels[t].
+
+Documents are never packed together: a sample is one picture and its caption, which keeps the
+image at a known offset and makes per-modality losses exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from megatron_t2i.config import _split_weights
+from megatron_t2i.vocab import VocabLayout
+
+
+class T2IDataset(torch.utils.data.Dataset):
+    """Item i is document `document_ids[i]` of an IndexedDataset, as one padded sample.
+
+    Returns (all of length seq_length):
+      tokens     int64    sample[:-1]
+      labels     int64    sample[1:]
+      loss_mask  float32  1 on real targets; 0 on padding targets, and 0 on caption targets
+                          (caption tokens and `<boi>`) when loss_on_captions=False
+      modality   int64    1 where the label is an image code or `<eoi>`, else 0.
+                          `<eoi>` counts as image because predicting where the image ends is
+                          part of image modelling; `<boi>` counts as text because it follows
+                          the caption. Padding targets are 0 (their loss_mask is 0 anyway).
+    """
+
+    def __init__(self, indexed: torch.utils.data.Dataset, layout: VocabLayout,
+                 seq_length: int, document_ids: Sequence[int] | np.ndarray,
+                 loss_on_captions: bool = True) -> None:
+        self.indexed = indexed
+        self.layout = layout
+        self.seq_length = seq_length
+        self.document_ids = np.asarray(document_ids, dtype=np.int64)
+        self.loss_on_captions = loss_on_captions
+
+    def __len__(self) -> int:
+        return len(self.document_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        doc = np.asarray(self.indexed[int(self.document_ids[i])], dtype=np.int64)
+        doc, boi = fit_document(doc, self.layout, self.seq_length + 1)
+        n = len(doc)
+        sample = np.full(self.seq_length + 1, self.layout.pad_id, dtype=np.int64)
+        sample[:n] = doc
+        target = np.arange(1, self.seq_length + 1)  # sample index of each label
+        real = target < n
+        image = real & (target > boi) if boi is not None else np.zeros_like(real)
+        loss_mask = real if self.loss_on_captions or boi is None else image
+        return {
+            "tokens": torch.from_numpy(sample[:-1].copy()),
+            "labels": torch.from_numpy(sample[1:].copy()),
+            "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
+            "modality": torch.from_numpy(image.astype(np.int64)),
+        }
+
+
+def fit_document(doc: np.ndarray, layout: VocabLayout,
+                 length: int) -> tuple[np.ndarray, int | None]:
+    """Shorten a document to at most `length` tokens by cutting the end of its caption.
+
+    The image part (`<boi>` codes `<eoi>`) and the leading bos stay whole: a cut image would
+    teach the model pictures that stop mid-way. Returns the document and the index of `<boi>`
+    (None for a text-only document, which is simply cut at `length`).
+    """
+    hits = np.flatnonzero(doc == layout.boi_id)
+    if len(hits) == 0:
+        return doc[:length], None
+    boi = int(hits[0])
+    if len(doc) <= length:
+        return doc, boi
+    image_part = len(doc) - boi
+    keep = length - image_part - 1  # caption tokens that fit after bos
+    if keep < 0:
+        raise ValueError(f"a document's image part ({image_part} tokens with <boi>/<eoi>) "
+                         f"does not fit a sample of {length} tokens; raise model.seq_length")
+    return np.concatenate([doc[:1 + keep], doc[boi:]]), 1 + keep
+
+
+def split_documents(num_docs: int, split: str = "90,5,5",
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint, covering train/valid/test document ids from weights like "90,5,5".
+
+    Documents are shuffled with `seed` before cutting, so each split sees every kind of
+    document; ids inside a split are sorted (the sampler does the per-epoch shuffling).
+    """
+    weights = np.asarray(_split_weights(split))
+    bounds = np.rint(np.cumsum(weights) / weights.sum() * num_docs).astype(np.int64)
+    order = np.random.default_rng(seed).permutation(num_docs)
+    train, valid, test = np.split(order, bounds[:2])
+    return np.sort(train), np.sort(valid), np.sort(test)
+
+
+def make_document(caption_ids: Sequence[int], codes: np.ndarray,
+                  layout: VocabLayout) -> np.ndarray:
+    """The stored form of one pair: `[bos] caption [boi] image codes [eoi]` (int64 ids)."""
+    image = layout.image_token(np.asarray(codes, dtype=np.int64).reshape(-1))
+    return np.concatenate([[layout.bos_id], np.asarray(caption_ids, dtype=np.int64),
+                           [layout.boi_id], image, [layout.eoi_id]]).astype(np.int64)

@@ -1,0 +1,102 @@
+"""Token files: megatron-core's indexed format plus a vocabulary sidecar.
+
+    <prefix>.bin         int32 tokens, one document per sequence
+    <prefix>.idx         megatron-core's index (lengths, byte offsets, document boundaries)
+    <prefix>.vocab.json  {"layout": VocabLayout.to_dict(), ...meta (tokenizer identities)}
+
+Reading goes through megatron-core's own `IndexedDataset`; `open_indexed` first checks what it
+would otherwise trip over with an assertion or a crash deep in numpy: missing files, a layout
+that differs from the training config, a .bin that does not match its .idx.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import (
+    DType,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+)
+
+from megatron_t2i.vocab import VocabLayout
+
+_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header
+_IDX_HEAD = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
+
+
+def paths(prefix: str | Path) -> dict[str, Path]:
+    return {ext: Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "vocab.json")}
+
+
+def write_indexed(prefix: str | Path, sequences: Iterable[Sequence[int] | np.ndarray],
+                  layout: VocabLayout, meta: dict[str, Any] | None = None) -> None:
+    """Write one document per sequence as int32, and the sidecar (with counts added)."""
+    p = paths(prefix)
+    p["bin"].parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(str(p["bin"]), dtype=np.int32)
+    documents = tokens = 0
+    for seq in sequences:
+        arr = np.asarray(seq, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= layout.size):
+            raise ValueError(f"{prefix}: document {documents} has token ids outside the "
+                             f"layout's [0, {layout.size})")
+        builder.add_document(arr.astype(np.int32), [arr.size])
+        documents, tokens = documents + 1, tokens + arr.size
+    builder.finalize(str(p["idx"]))
+    sidecar = {"layout": layout.to_dict(), **(meta or {}),
+               "num_documents": documents, "num_tokens": tokens}
+    p["vocab.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def read_sidecar(prefix: str | Path) -> dict[str, Any]:
+    path = paths(prefix)["vocab.json"]
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary sidecar {path} not found: token files need one "
+                                f"(written by write_indexed next to the .bin/.idx)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def open_indexed(prefix: str | Path, expected_layout: VocabLayout,
+                 mine: str = "the training config") -> IndexedDataset:
+    """Open token files after checking they exist, agree with each other and with the layout."""
+    p = paths(prefix)
+    for path in p.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"token file {path} not found (data prefix {prefix})")
+    sidecar = read_sidecar(prefix)
+    if "layout" not in sidecar:
+        raise ValueError(f"{p['vocab.json']}: no 'layout' entry")
+    expected_layout.check_matches(VocabLayout.from_dict(sidecar["layout"]),
+                                  mine=mine, theirs=str(p["vocab.json"]))
+    _check_bin_size(p["idx"], p["bin"])
+    return IndexedDataset(str(prefix), mmap=True)
+
+
+def _check_bin_size(idx: Path, bin_: Path) -> None:
+    """The .bin must hold exactly the tokens the .idx counts (a cut copy fails here)."""
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEAD.size)
+        if len(head) < _IDX_HEAD.size:
+            raise ValueError(f"{idx}: truncated index header; regenerate the token files")
+        magic, version, code, sequences, _ = _IDX_HEAD.unpack(head)
+        if magic != _IDX_MAGIC or version != 1 or code not in {d.value for d in DType}:
+            raise ValueError(f"{idx}: not a megatron-core index file (bad header)")
+        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
+    if len(lengths) < sequences:
+        raise ValueError(f"{idx}: truncated: it announces {sequences} sequences but holds "
+                         f"{len(lengths)} lengths; regenerate the token files")
+    expected = int(lengths.astype(np.int64).sum()) * DType.size(code)
+    actual = bin_.stat().st_size
+    if actual != expected:
+        raise ValueError(f"{bin_}: {actual} bytes, but {idx} describes {expected} bytes of "
+                         f"tokens; the file is truncated or belongs to another index; "
+                         f"regenerate the token files")

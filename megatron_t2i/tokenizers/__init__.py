@@ -1,0 +1,1 @@
+"""Text tokenizers (sentencepiece) and image tokenizers (VQ)."""
