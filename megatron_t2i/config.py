@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -107,6 +108,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: Optional[int] = None  # None: no validation during training
     eval_iters: int = 2
+    exit_interval: Optional[int] = None  # save and exit once iteration % exit_interval == 0
     precision: Literal["fp32", "bf16"] = "fp32"
     fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine on a GPU
     recompute_granularity: Optional[Literal["selective", "full"]] = None
@@ -213,6 +215,10 @@ def _suggest(name: str, valid, prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+# YAML 1.1 (PyYAML) reads 3e-4, without a dot, as a string; for float keys it is a number.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -244,6 +250,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

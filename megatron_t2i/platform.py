@@ -52,14 +52,17 @@ def select_platform(device: str = "auto", backend: str = "auto") -> Platform:
     """Choose the platform, and on the CPU install the compatibility layer."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is visible")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: expected auto, cuda or cpu")
+    if device == "cuda":
+        # Before any refusal: the layer must never outlive a request for the CUDA platform.
+        uninstall_cpu_compat()
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but no CUDA device is visible")
+    else:
+        install_cpu_compat()
     if backend == "auto":
         backend = "nccl" if device == "cuda" else "gloo"
-    if device == "cpu":
-        install_cpu_compat()
-    else:
-        uninstall_cpu_compat()
     return Platform(device_type=device, backend=backend)
 
 

@@ -34,9 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from megatron_t2i.training.checkpointing import CheckpointError
     from megatron_t2i.training.trainer import run  # heavy imports after validation
+    from megatron_t2i.vocab import VocabMismatchError
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (CheckpointError, VocabMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

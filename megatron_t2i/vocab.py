@@ -139,10 +139,12 @@ class VocabLayout:
         return out
 
     def check_matches(self, other: VocabLayout, *, mine: str, theirs: str) -> None:
-        diffs = self.differences(other)
+        """Raise, naming each differing range as `name: <theirs> vs <mine>`."""
+        diffs = other.differences(self)
         if diffs:
             raise VocabMismatchError(
-                f"vocabulary layout of {theirs} differs from {mine}: " + "; ".join(diffs))
+                f"vocabulary layout of {theirs} differs from {mine} (theirs vs mine): "
+                + "; ".join(diffs))
 
 
 def _fmt(r: tuple[int, int] | None) -> str:

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -106,7 +107,8 @@ def layer_spec(cfg: Config) -> ModuleSpec:
     return spec
 
 
-def build_model_chunks(cfg: Config, padded_vocab_size: int, on_cuda: bool) -> list[GPTModel]:
+def build_model_chunks(cfg: Config, padded_vocab_size: int,
+                       on_cuda: bool) -> list[GPTModel | Float16Module]:
     """This rank's model chunks, initialised from cfg.train.seed, on the platform's device."""
     tcfg = transformer_config(cfg, on_cuda)
     spec = layer_spec(cfg)
@@ -131,6 +133,10 @@ def build_model_chunks(cfg: Config, padded_vocab_size: int, on_cuda: bool) -> li
         )
         if on_cuda:
             model.cuda(torch.cuda.current_device())
+        if tcfg.bf16:
+            # as Megatron-LM: every parameter (norms included) in bf16, fp32 logits out; the
+            # optimizer keeps fp32 main parameters
+            model = Float16Module(tcfg, model)
         chunks.append(model)
     init_parameters(chunks, cfg)
     return chunks
@@ -138,7 +144,7 @@ def build_model_chunks(cfg: Config, padded_vocab_size: int, on_cuda: bool) -> li
 
 # ---- parallel-invariant initialisation ------------------------------------------------------
 
-def init_parameters(chunks: list[GPTModel], cfg: Config) -> None:
+def init_parameters(chunks: list[torch.nn.Module], cfg: Config) -> None:
     """Draw every parameter as if the model were unsharded, keep this rank's slice.
 
     Same rules as megatron-core's defaults: norms to one, biases to zero, output projections

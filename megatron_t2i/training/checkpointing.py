@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
     sharded["iteration"] = state.iteration
     sharded["consumed_samples"] = state.consumed_samples
     dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+    _fault_point(f"save@{state.iteration}")
     dist.barrier()
     if rank == 0:
         full_meta = dict(meta, iteration=state.iteration,
@@ -141,6 +143,15 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
         _write_latest(root, state.iteration)
     dist.barrier()
     return final
+
+
+def _fault_point(where: str) -> None:
+    """Fault injection for the crash-safety tests: MEGATRON_T2I_KILL_AT=save@N SIGKILLs the
+    job's whole process group (launcher, ranks, dist_checkpointing's helper processes) while
+    saving iteration N, after the shards are written and before the save is published, as a
+    node failure would."""
+    if os.environ.get("MEGATRON_T2I_KILL_AT") == where:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def _write_latest(root: Path, iteration: int) -> None:

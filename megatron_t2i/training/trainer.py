@@ -180,6 +180,9 @@ class Trainer:
                 self.metrics.log_eval(self.iteration, self.evaluate())
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
+            if cfg.train.exit_interval and self.iteration % cfg.train.exit_interval == 0:
+                self._print(f"exit_interval reached at iteration {self.iteration}")
+                break
         if cfg.checkpoint.save_at_end and not self._saved_at(self.iteration):
             self.save()
         return last

@@ -1,0 +1,81 @@
+"""Shared fixtures: launching real training runs in subprocesses (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small, fast variant of configs/demo.yaml for the trainer tests.
+TINY = [
+    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.seq_length=80", "data.image_tokens_per_sample=64", "data.synthetic_samples=600",
+    "train.micro_batch_size=4", "train.global_batch_size=8", "train.train_iters=3",
+    "train.log_interval=1", "train.eval_interval=null", "optim.lr_warmup_iters=0",
+    "logging.tensorboard=false", "checkpoint.save_interval=null",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """One demo-corpus cache for the whole session (generated on first use)."""
+    return tmp_path_factory.mktemp("corpus")
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        env.pop(var, None)
+    return env
+
+
+def run_train(run_dir: Path, corpus: Path, nproc: int = 1, overrides: list[str] = (),
+              env: dict[str, str] | None = None, check: bool = True,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun -m megatron_t2i.train` (or plain python for one process) on the tiny config."""
+    args = ["--config", str(REPO / "configs/demo.yaml"), *TINY,
+            f"train.run_dir={run_dir}", f"data.cache_dir={corpus}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_t2i.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "megatron_t2i.train", *args]
+    # a session of its own: a timeout (or the job's own fault injection) ends every process
+    # of the job, helpers that hold the output pipes included
+    with subprocess.Popen(cmd, cwd=REPO, env=env or train_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            out, err = popen.communicate()
+            raise AssertionError(f"training timed out after {timeout}s:\n{out[-3000:]}\n"
+                                 f"{err[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split", "train") == split]

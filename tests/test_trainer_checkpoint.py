@@ -1,0 +1,91 @@
+"""Checkpoints: exact resume, resume under another TP/PP, crash safety, refused checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import read_metrics, run_train, train_env
+
+FOUR = ["train.train_iters=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_dir):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(run_dir, corpus_dir, overrides=FOUR)
+    return read_metrics(run_dir)
+
+
+def _losses(records, iterations):
+    by_iter = {r["iteration"]: r for r in records}
+    return [(by_iter[i]["loss"], by_iter[i]["loss_text"], by_iter[i]["loss_image"])
+            for i in iterations]
+
+
+def test_restart_resumes_exactly(tmp_path, corpus_dir, uninterrupted):
+    run_train(tmp_path, corpus_dir, overrides=FOUR + ["train.exit_interval=2"])
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "2"
+    proc = run_train(tmp_path, corpus_dir, overrides=FOUR)  # the same command again
+    assert "resumed from" in proc.stdout
+    resumed = read_metrics(tmp_path)
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
+    # bit-for-bit on the CPU: model, optimizer, LR schedule and data position all restored
+    assert _losses(resumed, [3, 4]) == _losses(uninterrupted, [3, 4])
+    assert [r["lr"] for r in resumed[2:]] == [r["lr"] for r in uninterrupted[2:]]
+    assert resumed[-1]["consumed_samples"] == uninterrupted[-1]["consumed_samples"]
+    meta = (tmp_path / "checkpoints" / "iter_0000004" / "meta.json").read_text()
+    assert '"vocab"' in meta and '"padded_vocab_size": 512' in meta
+
+
+@pytest.mark.parametrize("nproc,layout", [
+    (1, []),
+    (2, ["parallel.pipeline_model_parallel_size=2"]),
+], ids=["tp2_to_tp1", "tp2_to_pp2"])
+def test_resume_under_another_layout(nproc, layout, tmp_path_factory, corpus_dir,
+                                     uninterrupted):
+    saved = tmp_path_factory.getbasetemp() / "saved_tp2"
+    if not (saved / "checkpoints" / "latest").exists():
+        run_train(saved, corpus_dir, nproc=2, overrides=FOUR + [
+            "train.exit_interval=2", "parallel.tensor_model_parallel_size=2"])
+    run_dir = tmp_path_factory.mktemp("resharded")
+    shutil.copytree(saved / "checkpoints", run_dir / "checkpoints")
+    proc = run_train(run_dir, corpus_dir, nproc=nproc, overrides=FOUR + layout)
+    assert "resumed from" in proc.stdout
+    got = read_metrics(run_dir)
+    assert [r["iteration"] for r in got] == [3, 4]
+    for mine, ref in zip(_losses(got, [3, 4]), _losses(uninterrupted, [3, 4])):
+        assert mine == pytest.approx(ref, rel=1e-4)
+
+
+def test_latest_survives_a_save_killed_half_way(tmp_path, corpus_dir, uninterrupted):
+    overrides = FOUR + ["checkpoint.save_interval=2"]
+    proc = run_train(tmp_path, corpus_dir, overrides=overrides, check=False,
+                     env=train_env(MEGATRON_T2I_KILL_AT="save@4"))
+    assert proc.returncode != 0
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "2"
+    assert (ckpt / "iter_0000004.tmp").is_dir() and not (ckpt / "iter_0000004").exists()
+    proc = run_train(tmp_path, corpus_dir, overrides=overrides)
+    assert "resumed from" in proc.stdout and "iter_0000002" in proc.stdout
+    assert (ckpt / "latest").read_text().strip() == "4"
+    assert not (ckpt / "iter_0000004.tmp").exists()
+    assert _losses(read_metrics(tmp_path), [4])[-1] == _losses(uninterrupted, [4])[0]
+
+
+def test_checkpoint_of_another_vocabulary_is_refused(tmp_path, corpus_dir):
+    run_train(tmp_path, corpus_dir, overrides=["train.train_iters=1"])
+    proc = run_train(tmp_path, corpus_dir, check=False,
+                     overrides=["train.train_iters=2", "data.image_vocab_size=128"])
+    assert proc.returncode == 1
+    assert "vocabulary layout of checkpoint" in proc.stderr
+    assert "image: [128, 384) vs [128, 256)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_latest_naming_a_missing_checkpoint_is_refused(tmp_path, corpus_dir):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("7\n")
+    proc = run_train(tmp_path, corpus_dir, check=False)
+    assert proc.returncode == 1
+    assert "iteration 7" in proc.stderr and "iter_0000007" in proc.stderr
