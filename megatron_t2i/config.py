@@ -112,8 +112,22 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine on a GPU
     recompute_granularity: Optional[Literal["selective", "full"]] = None
-    engine: Literal["megatron"] = "megatron"
+    # "megatron": megatron-core's schedules, DDP and optimizer; "deepspeed": the same model at
+    # TP = PP = 1 under DeepSpeed ZeRO (section `deepspeed`)
+    engine: Literal["megatron", "deepspeed"] = "megatron"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """Read only with train.engine=deepspeed; the DeepSpeed JSON is generated from the config
+    (megatron_t2i/training/deepspeed_config.py)."""
+
+    zero_stage: int = 1  # 1: optimizer states, 2: + gradients, 3: + parameters sharded over DP
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
+    # A DeepSpeed JSON whose keys are added to the generated config; a key the generated
+    # config already sets must agree with it (else the config is refused).
+    config_json: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -122,6 +136,10 @@ class CheckpointConfig:
     save_at_end: bool = True
     dir: Optional[str] = None  # None: <train.run_dir>/checkpoints
     resume: bool = True  # resume from <dir>/latest when it exists
+    # A checkpoint (root with `latest`, or an iter_N folder) whose model weights initialise a
+    # run that has nothing to resume yet: a pretrained LM after vocabulary surgery. Only the
+    # model is read; optimizer, schedule and data position start afresh.
+    pretrained: Optional[str] = None
     save_optimizer: bool = True
 
 
@@ -145,6 +163,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
@@ -364,6 +383,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
     _split_weights(cfg.data.split)
+    if t.engine == "deepspeed":
+        from megatron_t2i.training.deepspeed_config import validate_deepspeed
+
+        validate_deepspeed(cfg, world_size)
 
 
 def caption_budget(cfg: Config) -> int:

@@ -89,3 +89,22 @@ def test_latest_naming_a_missing_checkpoint_is_refused(tmp_path, corpus_dir):
     proc = run_train(tmp_path, corpus_dir, check=False)
     assert proc.returncode == 1
     assert "iteration 7" in proc.stderr and "iter_0000007" in proc.stderr
+
+
+def test_pretrained_init_loads_model_only(tmp_path, corpus_dir):
+    """checkpoint.pretrained starts a new run from another run's weights (at another TP)."""
+    source = tmp_path / "source"
+    run_train(source, corpus_dir, overrides=["train.train_iters=2", "train.eval_interval=2"])
+    source_valid = read_metrics(source, split="valid")[-1]["loss"]
+    target = tmp_path / "target"
+    proc = run_train(target, corpus_dir, nproc=2, overrides=[
+        "train.train_iters=1", "train.eval_interval=1", "optim.lr=0", "optim.min_lr=0",
+        "parallel.tensor_model_parallel_size=2",
+        f"checkpoint.pretrained={source / 'checkpoints'}"])
+    assert "initialised the model from" in proc.stdout
+    train = read_metrics(target)
+    assert [r["iteration"] for r in train] == [1]  # a new run: iteration and data restart
+    assert train[0]["consumed_samples"] == 8
+    # with lr 0 the weights stay the source's: its validation loss comes back
+    assert read_metrics(target, split="valid")[-1]["loss"] == pytest.approx(source_valid,
+                                                                            rel=1e-5)

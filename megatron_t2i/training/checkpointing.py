@@ -63,6 +63,17 @@ def read_latest(root: Path) -> int | None:
     return iteration
 
 
+def resolve_checkpoint_folder(path: Path) -> Path:
+    """An iter_N folder as given, or the newest complete one under a checkpoint root."""
+    if (path / "meta.json").exists():
+        return path
+    iteration = read_latest(path)
+    if iteration is None:
+        raise CheckpointError(f"{path} is neither a checkpoint folder (no meta.json) nor a "
+                              f"checkpoint root (no 'latest' marker)")
+    return iteration_dir(path, iteration)
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
     path = folder / "meta.json"
     if not path.exists():
@@ -194,6 +205,16 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
     if same_layout:
         _restore_rng(loaded["rng_state"])
     return TrainState(int(loaded["iteration"]), int(loaded["consumed_samples"])), meta
+
+
+def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: VocabLayout,
+                       padded_vocab_size: int) -> None:
+    """Only the model tensors (resharded to this run's TP/PP), e.g. a pretrained init."""
+    meta = read_meta(folder)
+    _check_vocab(folder, meta, layout, padded_vocab_size)
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
+    _apply_model(chunks, loaded)
 
 
 def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:

@@ -75,7 +75,7 @@ class Trainer:
 
     def _padded_vocab_size(self) -> int:
         """Megatron's padding rule, unless a checkpoint to resume already fixed the size."""
-        resume = self._resume_folder()
+        resume = self._resume_folder() or self._pretrained_folder()
         if resume is not None:
             padded = checkpointing.read_meta(resume)["padded_vocab_size"]
             tp = self.cfg.parallel.tensor_model_parallel_size
@@ -150,9 +150,15 @@ class Trainer:
         return None if iteration is None else checkpointing.iteration_dir(
             self.cfg.checkpoint_dir, iteration)
 
+    def _pretrained_folder(self) -> Path | None:
+        if self.cfg.checkpoint.pretrained is None:
+            return None
+        return checkpointing.resolve_checkpoint_folder(Path(self.cfg.checkpoint.pretrained))
+
     def _maybe_resume(self) -> None:
         folder = self._resume_folder()
         if folder is None:
+            self._maybe_load_pretrained()
             return
         state, _ = checkpointing.load_checkpoint(
             folder, self.chunks, self.optimizer, self.scheduler, self.data.layout,
@@ -161,6 +167,14 @@ class Trainer:
         self.data.set_consumed_samples(self.consumed_samples)
         self._print(f"resumed from {folder} at iteration {self.iteration} "
                     f"({self.consumed_samples} samples consumed)")
+
+    def _maybe_load_pretrained(self) -> None:
+        folder = self._pretrained_folder()
+        if folder is None:
+            return
+        checkpointing.load_model_weights(folder, self.chunks, self.data.layout,
+                                         self.padded_vocab_size)
+        self._print(f"initialised the model from {folder}")
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
