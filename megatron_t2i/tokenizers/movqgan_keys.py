@@ -1,0 +1,120 @@
+"""The published SBER-MoVQGAN state-dict layout: every key and its shape, per preset.
+
+Why a separate listing: `movqgan.py` must load the official checkpoints with strict key
+checking, so its module tree has to reproduce the official key names exactly. This file is an
+independent reference the tests hold the model against; it does not import `movqgan.py`.
+
+Source (read 2026-11, github.com/ai-forever/MoVQGAN, commit f3976d8):
+- configs: `movqgan/__init__.py` (MODELS: the `ddconfig`, `n_embed`, `embed_dim` of 67M, 102M,
+  270M) and `configs/movqgan_{67M,102M,270M}.yaml` (the same values);
+- top-level names: `movqgan/models/vqgan.py` class MOVQ (`encoder`, `decoder`, `quantize`,
+  `quant_conv`, `post_quant_conv`; the `loss` and `ema_*` members exist only in training);
+- encoder: `movqgan/modules/vqvae/vqvae_blocks.py` Encoder/ResnetBlock/AttnBlock/Downsample
+  (GroupNorm norms; `temb_ch = 0`, so no `temb_proj`);
+- decoder: `movqgan/modules/vqvae/movq_modules.py` MOVQDecoder with SpatialNorm
+  (`norm_layer`, `conv_y`, `conv_b`; `add_conv=False`, so no `conv`);
+- quantizer: `movqgan/modules/vqvae/quantize.py` VectorQuantizer2 (`embedding`, nn.Embedding;
+  no `used` buffer since `remap=None`).
+Cross-checked against diffusers' `scripts/convert_kandinsky_to_diffusers.py`, which reads each of
+these names from Kandinsky 2.1's `movq_final.ckpt` (the 67M architecture) as a plain top-level
+state dict.
+"""
+
+from __future__ import annotations
+
+Shape = tuple[int, ...]
+
+# ddconfig + n_embed + embed_dim of movqgan/__init__.py MODELS (all three share the rest).
+_COMMON = {"resolution": 256, "in_channels": 3, "out_ch": 3, "z_channels": 4,
+           "ch_mult": (1, 2, 2, 4), "attn_resolutions": (32,), "embed_dim": 4,
+           "n_embed": 16384}
+PUBLISHED_CONFIGS: dict[str, dict] = {
+    "67M": {**_COMMON, "ch": 128, "num_res_blocks": 2},
+    "102M": {**_COMMON, "ch": 128, "num_res_blocks": 4},
+    "270M": {**_COMMON, "ch": 256, "num_res_blocks": 2},
+}
+
+
+def _conv(keys: dict[str, Shape], name: str, cin: int, cout: int, k: int) -> None:
+    keys[f"{name}.weight"] = (cout, cin, k, k)
+    keys[f"{name}.bias"] = (cout,)
+
+
+def _norm(keys: dict[str, Shape], name: str, c: int, zq_ch: int | None) -> None:
+    if zq_ch is None:  # GroupNorm(32, c)
+        keys[f"{name}.weight"] = (c,)
+        keys[f"{name}.bias"] = (c,)
+        return
+    keys[f"{name}.norm_layer.weight"] = (c,)  # SpatialNorm
+    keys[f"{name}.norm_layer.bias"] = (c,)
+    _conv(keys, f"{name}.conv_y", zq_ch, c, 1)
+    _conv(keys, f"{name}.conv_b", zq_ch, c, 1)
+
+
+def _resnet(keys: dict[str, Shape], name: str, cin: int, cout: int, zq_ch: int | None) -> None:
+    _norm(keys, f"{name}.norm1", cin, zq_ch)
+    _conv(keys, f"{name}.conv1", cin, cout, 3)
+    _norm(keys, f"{name}.norm2", cout, zq_ch)
+    _conv(keys, f"{name}.conv2", cout, cout, 3)
+    if cin != cout:
+        _conv(keys, f"{name}.nin_shortcut", cin, cout, 1)
+
+
+def _attn(keys: dict[str, Shape], name: str, c: int, zq_ch: int | None) -> None:
+    _norm(keys, f"{name}.norm", c, zq_ch)
+    for proj in ("q", "k", "v", "proj_out"):
+        _conv(keys, f"{name}.{proj}", c, c, 1)
+
+
+def _mid(keys: dict[str, Shape], name: str, c: int, zq_ch: int | None) -> None:
+    _resnet(keys, f"{name}.block_1", c, c, zq_ch)
+    _attn(keys, f"{name}.attn_1", c, zq_ch)
+    _resnet(keys, f"{name}.block_2", c, c, zq_ch)
+
+
+def _encoder(keys: dict[str, Shape], cfg: dict) -> None:
+    ch, mult, n = cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"]
+    _conv(keys, "encoder.conv_in", cfg["in_channels"], ch, 3)
+    res, block_in = cfg["resolution"], ch
+    for level, m in enumerate(mult):
+        for i in range(n):
+            _resnet(keys, f"encoder.down.{level}.block.{i}", block_in, ch * m, None)
+            block_in = ch * m
+            if res in cfg["attn_resolutions"]:
+                _attn(keys, f"encoder.down.{level}.attn.{i}", block_in, None)
+        if level != len(mult) - 1:
+            _conv(keys, f"encoder.down.{level}.downsample.conv", block_in, block_in, 3)
+            res //= 2
+    _mid(keys, "encoder.mid", block_in, None)
+    _norm(keys, "encoder.norm_out", block_in, None)
+    _conv(keys, "encoder.conv_out", block_in, cfg["z_channels"], 3)  # double_z: false
+
+
+def _decoder(keys: dict[str, Shape], cfg: dict) -> None:
+    ch, mult, n, zq = cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["embed_dim"]
+    block_in = ch * mult[-1]
+    res = cfg["resolution"] // 2 ** (len(mult) - 1)
+    _conv(keys, "decoder.conv_in", cfg["z_channels"], block_in, 3)
+    _mid(keys, "decoder.mid", block_in, zq)
+    for level in reversed(range(len(mult))):  # the official loop order; names keep the level
+        for i in range(n + 1):
+            _resnet(keys, f"decoder.up.{level}.block.{i}", block_in, ch * mult[level], zq)
+            block_in = ch * mult[level]
+            if res in cfg["attn_resolutions"]:
+                _attn(keys, f"decoder.up.{level}.attn.{i}", block_in, zq)
+        if level != 0:
+            _conv(keys, f"decoder.up.{level}.upsample.conv", block_in, block_in, 3)
+            res *= 2
+    _norm(keys, "decoder.norm_out", block_in, zq)
+    _conv(keys, "decoder.conv_out", block_in, cfg["out_ch"], 3)
+
+
+def published_layout(cfg: dict) -> dict[str, Shape]:
+    """Key -> shape of the official MOVQ state dict for one ddconfig (+ n_embed, embed_dim)."""
+    keys: dict[str, Shape] = {}
+    _encoder(keys, cfg)
+    _decoder(keys, cfg)
+    keys["quantize.embedding.weight"] = (cfg["n_embed"], cfg["embed_dim"])
+    _conv(keys, "quant_conv", cfg["z_channels"], cfg["embed_dim"], 1)
+    _conv(keys, "post_quant_conv", cfg["embed_dim"], cfg["z_channels"], 1)
+    return keys
