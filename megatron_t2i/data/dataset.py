@@ -5,8 +5,13 @@ empty caption; text-only documents have no `<boi>`). A sample holds seq_length +
 padded with the layout's pad id; `tokens` is the sample without its last token and `labels`
 without its first, so position t predicts labels[t].
 
-Documents are never packed together: a sample is one picture and its caption, which keeps the
-image at a known offset and makes per-modality losses exact.
+Image documents are never packed together: a sample is one picture and its caption, which
+keeps the image at a known offset and makes per-modality losses exact. Text-only token files
+(preprocessed in `text` mode) are packed GPT-style instead by `PackedTextDataset`.
+
+Sample ids may run past the dataset's length: id `epoch * len + i` is item i in that epoch
+(the sampler counts that way), so what varies per epoch, caption dropout, is a pure function
+of the id and a resumed run sees exactly the samples of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,32 +41,103 @@ class T2IDataset(torch.utils.data.Dataset):
 
     def __init__(self, indexed: torch.utils.data.Dataset, layout: VocabLayout,
                  seq_length: int, document_ids: Sequence[int] | np.ndarray,
-                 loss_on_captions: bool = True) -> None:
+                 loss_on_captions: bool = True, caption_dropout: float = 0.0,
+                 seed: int = 0) -> None:
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout={caption_dropout} is outside [0, 1)")
         self.indexed = indexed
         self.layout = layout
         self.seq_length = seq_length
         self.document_ids = np.asarray(document_ids, dtype=np.int64)
         self.loss_on_captions = loss_on_captions
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self._dropped_epoch: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.document_ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(int(i), len(self.document_ids))
         doc = np.asarray(self.indexed[int(self.document_ids[i])], dtype=np.int64)
+        if self.caption_dropout and self.dropped(epoch)[i]:
+            doc = drop_caption(doc, self.layout)
         doc, boi = fit_document(doc, self.layout, self.seq_length + 1)
-        n = len(doc)
-        sample = np.full(self.seq_length + 1, self.layout.pad_id, dtype=np.int64)
-        sample[:n] = doc
-        target = np.arange(1, self.seq_length + 1)  # sample index of each label
-        real = target < n
-        image = real & (target > boi) if boi is not None else np.zeros_like(real)
-        loss_mask = real if self.loss_on_captions or boi is None else image
-        return {
-            "tokens": torch.from_numpy(sample[:-1].copy()),
-            "labels": torch.from_numpy(sample[1:].copy()),
-            "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
-            "modality": torch.from_numpy(image.astype(np.int64)),
-        }
+        return make_sample(doc, boi, self.layout.pad_id, self.seq_length,
+                           self.loss_on_captions)
+
+    def dropped(self, epoch: int) -> np.ndarray:
+        """Which items lose their caption in `epoch` (for classifier-free guidance): one
+        draw per item from the seed and the epoch, cached for the current epoch."""
+        if self._dropped_epoch is None or self._dropped_epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0xD50])
+            self._dropped_epoch = (epoch, rng.random(len(self.document_ids))
+                                   < self.caption_dropout)
+        return self._dropped_epoch[1]
+
+
+def make_sample(doc: np.ndarray, boi: int | None, pad_id: int, seq_length: int,
+                loss_on_captions: bool = True) -> dict[str, torch.Tensor]:
+    """A fitted document, padded to seq_length + 1 tokens, as tokens/labels/masks."""
+    n = len(doc)
+    sample = np.full(seq_length + 1, pad_id, dtype=np.int64)
+    sample[:n] = doc
+    target = np.arange(1, seq_length + 1)  # sample index of each label
+    real = target < n
+    image = real & (target > boi) if boi is not None else np.zeros_like(real)
+    loss_mask = real if loss_on_captions or boi is None else image
+    return {
+        "tokens": torch.from_numpy(sample[:-1].copy()),
+        "labels": torch.from_numpy(sample[1:].copy()),
+        "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
+        "modality": torch.from_numpy(image.astype(np.int64)),
+    }
+
+
+class PackedTextDataset(torch.utils.data.Dataset):
+    """Text-only documents (`[bos] text [eod]`) concatenated in a seeded order and cut into
+    samples of seq_length + 1 tokens, consecutive samples sharing one token (GPT-style).
+    Every target is a text target: loss mask 1, modality 0."""
+
+    def __init__(self, indexed, layout: VocabLayout, seq_length: int,
+                 document_ids: Sequence[int] | np.ndarray, seed: int = 0) -> None:
+        self.indexed = indexed
+        self.layout = layout
+        self.seq_length = seq_length
+        order = np.random.default_rng([seed, 0x7E47]).permutation(
+            np.asarray(document_ids, dtype=np.int64))
+        self.documents = order
+        lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)[order]
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])  # stream offset of each doc
+        self.num_samples = max(int(self.starts[-1]) - 1, 0) // seq_length
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = (int(i) % self.num_samples) * self.seq_length
+        sample = self._stream(start, self.seq_length + 1)
+        ones = np.ones(self.seq_length, dtype=np.float32)
+        return {"tokens": torch.from_numpy(sample[:-1].copy()),
+                "labels": torch.from_numpy(sample[1:].copy()),
+                "loss_mask": torch.from_numpy(ones),
+                "modality": torch.zeros(self.seq_length, dtype=torch.int64)}
+
+    def _stream(self, start: int, length: int) -> np.ndarray:
+        d = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces, need = [], length
+        while need:
+            offset = start - int(self.starts[d]) if not pieces else 0
+            take = min(need, int(self.starts[d + 1] - self.starts[d]) - offset)
+            pieces.append(self.indexed.get(int(self.documents[d]), offset, take))
+            need, d = need - take, d + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def drop_caption(doc: np.ndarray, layout: VocabLayout) -> np.ndarray:
+    """`[bos] caption [boi] codes [eoi]` -> `[bos] [boi] codes [eoi]` (text-only unchanged)."""
+    hits = np.flatnonzero(doc == layout.boi_id)
+    return np.concatenate([doc[:1], doc[hits[0]:]]) if len(hits) else doc
 
 
 def fit_document(doc: np.ndarray, layout: VocabLayout,

@@ -11,6 +11,7 @@ that differs from the training config, a .bin that does not match its .idx.
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 from collections.abc import Iterable, Sequence
@@ -27,6 +28,10 @@ from megatron.core.datasets.indexed_dataset import (
 from megatron_t2i.vocab import VocabLayout
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header
+class DataFileError(ValueError):
+    """A token file (.bin / .idx / sidecar) that is corrupt or inconsistent; names the file."""
+
+
 _IDX_HEAD = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
 
 
@@ -49,9 +54,37 @@ def write_indexed(prefix: str | Path, sequences: Iterable[Sequence[int] | np.nda
         builder.add_document(arr.astype(np.int32), [arr.size])
         documents, tokens = documents + 1, tokens + arr.size
     builder.finalize(str(p["idx"]))
+    write_sidecar(prefix, layout, meta, documents, tokens)
+
+
+def merge_indexed(prefix: str | Path, shard_prefixes: Sequence[str | Path],
+                  layout: VocabLayout, meta: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Concatenate shard files (written in parallel) into one, in the order given, through
+    megatron-core's `IndexedDatasetBuilder.add_index`; returns (documents, tokens)."""
+    p = paths(prefix)
+    p["bin"].parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(str(p["bin"]), dtype=np.int32)
+    # add_index runs a full gc.collect() per shard: ~0.8 s each over torch's heap, unless the
+    # objects alive now are frozen out of the collector's sight first
+    gc.freeze()
+    try:
+        for shard in shard_prefixes:
+            builder.add_index(str(shard))
+    finally:
+        gc.unfreeze()
+    builder.finalize(str(p["idx"]))
+    documents = len(builder.document_indices) - 1
+    tokens = int(np.sum(builder.sequence_lengths, dtype=np.int64))
+    write_sidecar(prefix, layout, meta, documents, tokens)
+    return documents, tokens
+
+
+def write_sidecar(prefix: str | Path, layout: VocabLayout, meta: dict[str, Any] | None,
+                  documents: int, tokens: int) -> None:
+    """Written last: a sidecar next to a .bin/.idx means the pair is complete."""
     sidecar = {"layout": layout.to_dict(), **(meta or {}),
                "num_documents": documents, "num_tokens": tokens}
-    p["vocab.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
+    paths(prefix)["vocab.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
 def read_sidecar(prefix: str | Path) -> dict[str, Any]:
@@ -62,7 +95,7 @@ def read_sidecar(prefix: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+        raise DataFileError(f"{path}: not valid JSON: {e}") from None
 
 
 def open_indexed(prefix: str | Path, expected_layout: VocabLayout,
@@ -74,7 +107,7 @@ def open_indexed(prefix: str | Path, expected_layout: VocabLayout,
             raise FileNotFoundError(f"token file {path} not found (data prefix {prefix})")
     sidecar = read_sidecar(prefix)
     if "layout" not in sidecar:
-        raise ValueError(f"{p['vocab.json']}: no 'layout' entry")
+        raise DataFileError(f"{p['vocab.json']}: no 'layout' entry")
     expected_layout.check_matches(VocabLayout.from_dict(sidecar["layout"]),
                                   mine=mine, theirs=str(p["vocab.json"]))
     _check_bin_size(p["idx"], p["bin"])
@@ -86,17 +119,21 @@ def _check_bin_size(idx: Path, bin_: Path) -> None:
     with open(idx, "rb") as f:
         head = f.read(_IDX_HEAD.size)
         if len(head) < _IDX_HEAD.size:
-            raise ValueError(f"{idx}: truncated index header; regenerate the token files")
-        magic, version, code, sequences, _ = _IDX_HEAD.unpack(head)
+            raise DataFileError(f"{idx}: truncated index header; regenerate the token files")
+        magic, version, code, sequences, documents = _IDX_HEAD.unpack(head)
         if magic != _IDX_MAGIC or version != 1 or code not in {d.value for d in DType}:
-            raise ValueError(f"{idx}: not a megatron-core index file (bad header)")
+            raise DataFileError(f"{idx}: not a megatron-core index file (bad header: magic "
+                             f"{magic!r}, version {version}, dtype code {code})")
         lengths = np.fromfile(f, dtype=np.int32, count=sequences)
-    if len(lengths) < sequences:
-        raise ValueError(f"{idx}: truncated: it announces {sequences} sequences but holds "
-                         f"{len(lengths)} lengths; regenerate the token files")
+    # lengths (int32), pointers (int64) per sequence, then document indices (int64)
+    needed = _IDX_HEAD.size + sequences * 12 + documents * 8
+    if len(lengths) < sequences or idx.stat().st_size < needed:
+        raise DataFileError(f"{idx}: truncated: it announces {sequences} sequences and "
+                         f"{documents - 1} documents ({needed} bytes) but holds "
+                         f"{idx.stat().st_size} bytes; regenerate the token files")
     expected = int(lengths.astype(np.int64).sum()) * DType.size(code)
     actual = bin_.stat().st_size
     if actual != expected:
-        raise ValueError(f"{bin_}: {actual} bytes, but {idx} describes {expected} bytes of "
+        raise DataFileError(f"{bin_}: {actual} bytes, but {idx} describes {expected} bytes of "
                          f"tokens; the file is truncated or belongs to another index; "
                          f"regenerate the token files")

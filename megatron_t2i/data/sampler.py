@@ -7,6 +7,9 @@ tail of an epoch is dropped, so every step is full on every rank.
 
 The position is a single number, `consumed_samples` (all ranks together, as Megatron counts
 it): a sampler built with the value saved in a checkpoint continues the same stream.
+
+The ids it yields are epoch-qualified, `epoch * num_samples + index`: a dataset reads item
+`id % len` and may vary what it returns with `id // len` (caption dropout does), deterministically.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class DataParallelSampler:
         start = offset + self.rank * self.micro_batch_size
         batch = self._epoch_order(epoch)[start:start + self.micro_batch_size]
         self.consumed_samples += self.step_size
-        return batch.tolist()
+        return (batch + epoch * self.num_samples).tolist()
 
     @property
     def epoch(self) -> int:

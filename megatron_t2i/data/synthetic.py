@@ -54,6 +54,20 @@ def caption(objects: tuple[SceneObject, ...]) -> str:
     return " and ".join(f"a {o.colour} {o.shape} at the {o.position}" for o in ordered)
 
 
+def parse_caption(text: str) -> tuple[SceneObject, ...]:
+    """The objects a caption asks for (the inverse of `caption`), in reading order."""
+    objects = []
+    for part in text.strip().split(" and "):
+        words = part.split(" at the ")
+        head = words[0].split()
+        if len(words) != 2 or len(head) != 3 or head[0] != "a" or head[1] not in COLOURS \
+                or head[2] not in SHAPES or words[1] not in POSITIONS:
+            raise ValueError(f"not a synthetic-corpus caption: {text!r} (expected "
+                             f"'a <colour> <shape> at the <position>' joined by ' and ')")
+        objects.append(SceneObject(head[2], head[1], words[1]))
+    return tuple(sorted(objects, key=lambda o: POSITIONS.index(o.position)))
+
+
 def render(objects: tuple[SceneObject, ...], image_size: int = 32) -> np.ndarray:
     """Draw a scene: uint8 (H, W, 3)."""
     image = np.empty((image_size, image_size, 3), np.uint8)
