@@ -1,0 +1,1 @@
+"""Contrastive alignment of image-code embeddings with a pretrained LM's text embeddings."""
