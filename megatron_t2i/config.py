@@ -51,6 +51,10 @@ class ModelConfig:
     # Core attention of the local spec: PyTorch SDPA (flash / memory-efficient kernels) or
     # megatron-core's DotProductAttention, which materialises the full score matrix.
     core_attention: Literal["sdpa", "megatron"] = "sdpa"
+    # Parameter groups that do not train (megatron_t2i/model/freeze.py): embeddings,
+    # output_layer, attention, mlp, norms, transformer (all layers), text_rows (the text rows
+    # of the word embeddings and output layer; the image rows train)
+    freeze: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -71,6 +75,11 @@ class DataConfig:
     # Prefix of a .bin/.idx pair (with its .vocab.json sidecar). None: the embedded synthetic
     # demo corpus, generated on first use under cache_dir.
     data_path: Optional[str] = None
+    # Several prefixes blended with weights (one per prefix; empty: in proportion to their
+    # sizes). Text-only prefixes (preprocessed in text mode) are packed GPT-style.
+    data_paths: list[str] = dataclasses.field(default_factory=list)
+    data_weights: list[float] = dataclasses.field(default_factory=list)
+    caption_dropout: float = 0.0  # probability of an empty caption (classifier-free guidance)
     cache_dir: str = ".cache/demo_corpus"
     text_vocab_size: int = 128  # ids of the text tokenizer (the layout checks the sidecar)
     image_vocab_size: int = 256  # VQ codebook size
@@ -116,6 +125,11 @@ class TrainConfig:
     # TP = PP = 1 under DeepSpeed ZeRO (section `deepspeed`)
     engine: Literal["megatron", "deepspeed"] = "megatron"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # A NaN/Inf loss: stop the run with a message (exit 1), or skip that update and go on.
+    nan_policy: Literal["stop", "skip"] = "stop"
+    # Signals that make the run finish its iteration, save and exit 75 (training/faults.py);
+    # empty: leave every signal's default action alone.
+    exit_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclasses.dataclass
@@ -383,10 +397,47 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
     _split_weights(cfg.data.split)
+    _check_exit_signals(t.exit_signals)
+    _check_data_paths(cfg.data)
+    if m.freeze:
+        _check_freeze(cfg)
     if t.engine == "deepspeed":
         from megatron_t2i.training.deepspeed_config import validate_deepspeed
 
         validate_deepspeed(cfg, world_size)
+
+
+def _check_data_paths(d: DataConfig) -> None:
+    if d.data_path is not None and d.data_paths:
+        raise ConfigError("set data.data_path (one prefix) or data.data_paths (a blend), "
+                          "not both")
+    if d.data_weights and len(d.data_weights) != len(d.data_paths):
+        raise ConfigError(f"data.data_weights has {len(d.data_weights)} weights for "
+                          f"{len(d.data_paths)} data.data_paths")
+    if any(w <= 0 for w in d.data_weights):
+        raise ConfigError(f"data.data_weights must be positive, got {d.data_weights}")
+    if not 0.0 <= d.caption_dropout < 1.0:
+        raise ConfigError(f"data.caption_dropout={d.caption_dropout} is outside [0, 1)")
+
+
+def _check_freeze(cfg: Config) -> None:
+    from megatron_t2i.model.freeze import check_freeze_names
+
+    check_freeze_names(cfg.model.freeze,
+                       tied_embeddings=not cfg.model.untie_embeddings_and_output_weights)
+    if cfg.train.engine != "megatron":
+        raise ConfigError("model.freeze is implemented for train.engine=megatron only")
+
+
+def _check_exit_signals(names: list[str]) -> None:
+    import signal
+
+    for name in names:
+        if name.strip().upper() not in signal.Signals.__members__:
+            raise ConfigError(f"train.exit_signals: {name!r} is not a signal name "
+                              f"(for example SIGTERM, SIGUSR1)")
+        if name.strip().upper() in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"train.exit_signals: {name} cannot be caught")
 
 
 def caption_budget(cfg: Config) -> int:

@@ -5,7 +5,8 @@
     t2i-train --config ...   (the same, as a console script)
 
 The configuration is validated against the launch's world size before any process group
-starts; a bad config exits with status 2 and a message naming the key.
+starts; a bad config exits with status 2 and a message naming the key. Exit status 75 means
+stopped on SIGTERM/SIGUSR1 with a checkpoint saved (run again to resume); 1 an error.
 """
 
 from __future__ import annotations
@@ -34,14 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from megatron_t2i.data.indexed import DataFileError
     from megatron_t2i.training.checkpointing import CheckpointError
-    from megatron_t2i.training.trainer import run  # heavy imports after validation
+    if cfg.train.engine == "deepspeed":  # heavy imports after validation
+        from megatron_t2i.training.deepspeed_engine import run
+    else:
+        from megatron_t2i.training.trainer import run
+    from megatron_t2i.training import faults  # exit codes: see training/faults.py
     from megatron_t2i.vocab import VocabMismatchError
 
     try:
         run(cfg)
-    except (CheckpointError, VocabMismatchError, FileNotFoundError) as e:
+    except faults.Preempted:
+        return faults.PREEMPTED_EXIT_CODE  # the trainer said why; a restart resumes
+    except (CheckpointError, VocabMismatchError, DataFileError, FileNotFoundError,
+            faults.NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:
+        if not faults.is_collective_timeout(e):
+            raise
+        print(f"error: a collective did not complete within parallel.distributed_timeout_"
+              f"minutes={cfg.parallel.distributed_timeout_minutes}: another rank is hung or "
+              f"dead ({e})", file=sys.stderr, flush=True)
         return 1
     return 0
 

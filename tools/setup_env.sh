@@ -34,6 +34,7 @@ case "$extras" in
   "") ;;
   *) spec=".[$extras]" ;;
 esac
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}   # deepspeed (test extra): ops JIT-compile on use, none built at install
 echo "[setup] installing $spec (constrained to torch==$venv_torch)"
 "$VPY" -m pip install -q -c .cache/constraints.txt -e "$spec"
 "$VPY" -c 'import torch, megatron.core; print(f"[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}")'

@@ -105,14 +105,19 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _rng_sharded_object(is_loading: bool) -> ShardedObject:
-    pp, tp = (parallel_state.get_pipeline_model_parallel_rank(),
-              parallel_state.get_tensor_model_parallel_rank())
-    state = None if is_loading else {
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG states (torch, CUDA, megatron's tracker); see restore_rng."""
+    return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
+
+
+def _rng_sharded_object(is_loading: bool) -> ShardedObject:
+    pp, tp = (parallel_state.get_pipeline_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_rank())
+    state = None if is_loading else rng_state()
     return ShardedObject(
         "rng_state", state,
         (parallel_state.get_pipeline_model_parallel_world_size(),
@@ -123,15 +128,7 @@ def _rng_sharded_object(is_loading: bool) -> ShardedObject:
 def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
                     scheduler, meta: dict[str, Any], save_optimizer: bool = True) -> Path:
     """Collective: every rank calls it. Returns the final folder."""
-    rank = dist.get_rank()
-    final = iteration_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that was killed
-        tmp.mkdir()
-    dist.barrier()
+    tmp = begin_save(root, state.iteration)
     sharded = model_sharded_state_dict(chunks)
     if save_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
@@ -141,22 +138,47 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
     sharded["iteration"] = state.iteration
     sharded["consumed_samples"] = state.consumed_samples
     dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
-    _fault_point(f"save@{state.iteration}")
+    return publish_save(root, state, dict(meta, has_optimizer=save_optimizer))
+
+
+def begin_save(root: Path, iteration: int) -> Path:
+    """Collective: an empty `iter_N.tmp/` for every rank to write its part of a save into
+    (one left by a killed save is removed first)."""
+    tmp = _tmp_dir(root, iteration)
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     dist.barrier()
-    if rank == 0:
+    return tmp
+
+
+def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
+    """Collective, once every rank has written its part into `iter_N.tmp/`: rank 0 writes
+    meta.json, renames the folder to `iter_N/` and only then rewrites `latest`."""
+    fault_point(f"save@{state.iteration}")
+    dist.barrier()
+    final = iteration_dir(root, state.iteration)
+    if dist.get_rank() == 0:
+        tmp = _tmp_dir(root, state.iteration)
         full_meta = dict(meta, iteration=state.iteration,
-                         consumed_samples=state.consumed_samples,
-                         parallel=parallel_layout(), has_optimizer=save_optimizer)
+                         consumed_samples=state.consumed_samples, parallel=parallel_layout())
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_latest(root, state.iteration)
+        write_latest(root, state.iteration)
     dist.barrier()
     return final
 
 
-def _fault_point(where: str) -> None:
+def _tmp_dir(root: Path, iteration: int) -> Path:
+    final = iteration_dir(root, iteration)
+    return final.with_name(final.name + ".tmp")
+
+
+def fault_point(where: str) -> None:
     """Fault injection for the crash-safety tests: MEGATRON_T2I_KILL_AT=save@N SIGKILLs the
     job's whole process group (launcher, ranks, dist_checkpointing's helper processes) while
     saving iteration N, after the shards are written and before the save is published, as a
@@ -165,7 +187,7 @@ def _fault_point(where: str) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def _write_latest(root: Path, iteration: int) -> None:
+def write_latest(root: Path, iteration: int) -> None:
     tmp = root / "latest.tmp"
     with open(tmp, "w") as f:
         f.write(f"{iteration}\n")
@@ -179,7 +201,8 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
                     ) -> tuple[TrainState, dict[str, Any]]:
     """Load model (resharded as needed), optimizer, scheduler, RNG and the train state."""
     meta = read_meta(folder)
-    _check_vocab(folder, meta, layout, padded_vocab_size)
+    check_engine(folder, meta, "megatron")
+    check_vocab(folder, meta, layout, padded_vocab_size)
     same_layout = _same_parallel_layout(meta.get("parallel", {}))
     sharded = model_sharded_state_dict(chunks)
     with_optimizer = load_optimizer and meta.get("has_optimizer", False)
@@ -201,9 +224,10 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "opt_param_scheduler" in loaded:  # absent from imported checkpoints (tools/): fresh
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
-        _restore_rng(loaded["rng_state"])
+        restore_rng(loaded["rng_state"])
     return TrainState(int(loaded["iteration"]), int(loaded["consumed_samples"])), meta
 
 
@@ -211,7 +235,8 @@ def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: Voca
                        padded_vocab_size: int) -> None:
     """Only the model tensors (resharded to this run's TP/PP), e.g. a pretrained init."""
     meta = read_meta(folder)
-    _check_vocab(folder, meta, layout, padded_vocab_size)
+    check_engine(folder, meta, "megatron")
+    check_vocab(folder, meta, layout, padded_vocab_size)
     with torch.no_grad():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
     _apply_model(chunks, loaded)
@@ -225,7 +250,16 @@ def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
         chunk.load_state_dict(loaded[f"model{i}"])
 
 
-def _check_vocab(folder: Path, meta: dict[str, Any], layout: VocabLayout, padded: int) -> None:
+def check_engine(folder: Path, meta: dict[str, Any], engine: str) -> None:
+    """Megatron (dist_checkpointing) and DeepSpeed (ZeRO) checkpoints are different formats."""
+    saved = meta.get("engine", "megatron")
+    if saved != engine:
+        raise CheckpointError(f"checkpoint {folder} was written by the {saved} engine; only "
+                              f"a {engine}-engine checkpoint can be read here (the formats "
+                              f"differ: check train.engine)")
+
+
+def check_vocab(folder: Path, meta: dict[str, Any], layout: VocabLayout, padded: int) -> None:
     saved = VocabLayout.from_dict(meta["vocab"])
     layout.check_matches(saved, mine="the training data and config",
                          theirs=f"checkpoint {folder}")
@@ -259,7 +293,7 @@ def _init_optimizer_states(optimizer) -> None:
             inner.init_state_fn(inner.optimizer, inner.config)
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

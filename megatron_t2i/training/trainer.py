@@ -11,8 +11,9 @@ interleaved 1F1B), its DDP reduces gradients (overlapped when configured) and it
 from __future__ import annotations
 
 import functools
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_t2i.config import Config, save_resolved
 from megatron_t2i.data.loader import DataPipeline, build_data_pipeline
 from megatron_t2i.distributed import destroy_distributed, init_distributed
+from megatron_t2i.model.freeze import FreezePlan, apply_freeze, count_parameters
 from megatron_t2i.model.gpt import build_model_chunks, params_dtype
 from megatron_t2i.platform import Platform, select_platform
-from megatron_t2i.training import checkpointing
+from megatron_t2i.training import checkpointing, faults
 from megatron_t2i.training.flops import flops_per_iteration
 from megatron_t2i.training.loss import masked_loss, reduce_reports
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
@@ -43,8 +45,16 @@ class Trainer:
         self.consumed_samples = 0
 
     # ---- setup ---------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, build_data: Callable[[Config, Platform], DataPipeline] | None = None) -> None:
+        """Platform, process groups, data, model, DDP, optimizer, schedule, resume, sinks.
+
+        `build_data` replaces the token-file pipeline (the throughput benchmark feeds random
+        tokens of the config's shapes); it runs after the process groups exist.
+        """
         cfg = self.cfg
+        # first: a signal during setup is then seen after the first iteration
+        self.exit_signals = faults.ExitSignals(cfg.train.exit_signals)
+        self.exit_signals.install()
         self.platform: Platform = select_platform(cfg.train.device,
                                                   cfg.parallel.distributed_backend)
         init_distributed(cfg.parallel, self.platform.device_type)
@@ -54,18 +64,29 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir / "config.yaml")
-        self.data: DataPipeline = build_data_pipeline(cfg, self.platform)
+        self.data: DataPipeline = (build_data or build_data_pipeline)(cfg, self.platform)
         self.padded_vocab_size = self._padded_vocab_size()
         self.chunks = build_model_chunks(cfg, self.padded_vocab_size, self.platform.is_cuda)
-        self.model = self._wrap_ddp(self.chunks)
-        self.optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
+        self._build_engine()
         self.scheduler = self._scheduler()
-        self._wire_schedule_hooks()
         self._maybe_resume()
         self.throughput = self._throughput()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(),
                                      is_writer=self._is_writer())
         self._log_startup()
+
+    def _build_engine(self) -> None:
+        """megatron-core's DDP around the chunks, its (distributed) optimizer and the schedule
+        hooks; the one step the DeepSpeed engine replaces."""
+        # before DDP and the optimizer: both skip parameters that need no gradient
+        self.freeze: FreezePlan = apply_freeze(self.chunks, self.cfg.model.freeze,
+                                               self.data.layout, self.padded_vocab_size)
+        self.model = self._wrap_ddp(self.chunks)
+        optimizer_config = self._optimizer_config()
+        self.optimizer = get_megatron_optimizer(
+            optimizer_config, self.model,
+            config_overrides=self.freeze.optimizer_overrides(optimizer_config))
+        self._wire_schedule_hooks()
 
     def _seed(self, seed: int) -> None:
         # Same seed on every rank: the model is initialised parallel-invariantly anyway
@@ -197,6 +218,8 @@ class Trainer:
             if cfg.train.exit_interval and self.iteration % cfg.train.exit_interval == 0:
                 self._print(f"exit_interval reached at iteration {self.iteration}")
                 break
+            if signum := self.exit_signals.agreed(self.platform.device()):
+                self._stop_on_signal(signum)
         if cfg.checkpoint.save_at_end and not self._saved_at(self.iteration):
             self.save()
         return last
@@ -206,15 +229,47 @@ class Trainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._forward_backward(self.data.train_iterators(), forward_only=False)
+        self.freeze.zero_frozen_row_grads()  # model.freeze=[text_rows]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        out = self._reduce_on_last_stage(reports)  # before the update: a NaN loss skips it
+        out["lr"] = lr
+        if self._skip_non_finite(out):
+            out.update(grad_norm=float("nan"), skipped=1.0)
+            return out
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        out = self._reduce_on_last_stage(reports)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        out["lr"] = lr
         out["skipped"] = 0.0 if ok else 1.0
         return out
+
+    def _skip_non_finite(self, report: dict[str, float]) -> bool:
+        """True when this step's loss or gradients hold NaN/Inf and train.nan_policy=skip;
+        under `stop` that raises. Checked before the update, which would spread them into
+        the parameters; every rank reaches the same verdict."""
+        message = (faults.check_loss(report, self.iteration + 1, self.consumed_samples)
+                   or self._non_finite_grads())
+        if message is None:
+            return False
+        if self.cfg.train.nan_policy == "stop":
+            raise faults.NonFiniteLoss(
+                f"{message}; train.nan_policy=stop ended the run: resume from the last "
+                f"checkpoint with a lower optim.lr, or set train.nan_policy=skip")
+        self._print(f"{message}: update skipped (train.nan_policy=skip)")
+        return True
+
+    def _non_finite_grads(self) -> str | None:
+        """Collective: each rank holds other gradient shards, so the flag is all-reduced."""
+        bad = torch.zeros(1, dtype=torch.int32, device=self.platform.device())
+        for m in self.model:
+            for buffer in m.buffers + m.expert_parallel_buffers:
+                if not torch.isfinite(buffer.grad_data).all():
+                    bad.fill_(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            return None
+        return (f"non-finite gradients at iteration {self.iteration + 1} with a finite loss "
+                f"(the batch starts at consumed sample {self.consumed_samples})")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -303,14 +358,36 @@ class Trainer:
                     f"{int(counts.item()):,} parameters (with embeddings); vocabulary "
                     f"{self.data.layout.size} ids padded to {self.padded_vocab_size}; "
                     f"{self.data.num_microbatches} microbatches per step")
+        self._log_parameter_counts()
+
+    def _log_parameter_counts(self) -> None:
+        """What trains: printed, and written to <run_dir>/parameters.json."""
+        counts = count_parameters(self.chunks, self.freeze,
+                                  parallel_state.get_model_parallel_group(),
+                                  self.platform.device())
+        self._print(f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} "
+                    f"frozen (model.freeze={counts['freeze']})")
+        if self.rank == 0:
+            (self.run_dir / "parameters.json").write_text(json.dumps(counts, indent=2) + "\n")
 
     def _print(self, message: str) -> None:
         if self.rank == 0:
             print(f"[megatron_t2i] {message}", flush=True)
 
+    def _stop_on_signal(self, signum: int) -> None:
+        """Every rank, after the same iteration: save (a collective), then leave."""
+        name = faults.signal_name(signum)
+        self._print(f"{name} received: saving at iteration {self.iteration} and stopping")
+        if not self._saved_at(self.iteration):
+            self.save()
+        raise faults.Preempted(name, self.iteration)
+
     def close(self) -> None:
         self.metrics.close()
         destroy_distributed()
+        # last: a launcher's SIGTERM to the other ranks after a preemption must not cut
+        # their sinks short
+        self.exit_signals.restore()
 
 
 def run(cfg: Config) -> dict[str, Any]:
