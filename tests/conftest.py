@@ -79,3 +79,13 @@ def run_train(run_dir: Path, corpus: Path, nproc: int = 1, overrides: list[str] 
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("split", "train") == split]
+
+
+@pytest.fixture(scope="session")
+def eval_checkpoint(tmp_path_factory, corpus_dir) -> Path:
+    """A tiny model trained for a few iterations (validation logged at the last one), for the
+    evaluation tools' tests. Returns its run folder (checkpoints under `checkpoints/`)."""
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    run_train(run_dir, corpus_dir, overrides=["train.train_iters=6", "train.eval_interval=6",
+                                              "train.eval_iters=2"])
+    return run_dir

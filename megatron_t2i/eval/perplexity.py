@@ -1,0 +1,184 @@
+"""Perplexity per modality, at any TP / PP, through the trainer's own forward path.
+
+Samples go through megatron-core's `get_forward_backward_func` with `forward_only=True` and
+the training loss (`training/loss.py` masked_loss / reduce_reports), so the numbers are the
+validation losses the trainer logs: `loss_text` over caption targets (and `<boi>`),
+`loss_image` over image codes and `<eoi>`; perplexity is exp of each. Data-parallel ranks
+share the samples; the last pipeline stage's means are broadcast to every rank.
+
+The same path scores a held-out text file (forgetting of text skills) and, with another loss
+function, the per-sequence log-likelihoods of multiple-choice tasks (forgetting.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_t2i.config import Config
+from megatron_t2i.data.loader import build_data_pipeline, collate
+from megatron_t2i.tokenizers.text import TextTokenizer
+from megatron_t2i.training.loss import masked_loss, reduce_reports
+from megatron_t2i.vocab import VocabLayout
+
+Sample = dict[str, torch.Tensor]  # tokens, labels, loss_mask, modality: each [seq_length]
+# loss_for_batch(per-token loss [b, s], batch) -> (loss sum, token count, report dict)
+LossForBatch = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple]
+
+
+def forward_reports(chunks: list[torch.nn.Module], samples: Sequence[Sample],
+                    micro_batch_size: int, loss_for_batch: LossForBatch,
+                    device: torch.device) -> list[dict]:
+    """Run this rank's samples forward-only through the pipeline schedule.
+
+    All samples must have one length (the schedule's p2p buffers are sized from it); the
+    count is padded to whole microbatches with samples whose loss mask is zero. Returns the
+    loss function's reports, one per microbatch, on the last pipeline stage (empty elsewhere).
+    """
+    if not samples:
+        return []
+    seq_length = int(samples[0]["tokens"].shape[0])
+    padded = list(samples) + [_empty_like(samples[0])] * (-len(samples) % micro_batch_size)
+    batches = iter([collate(padded[i:i + micro_batch_size], device)
+                    for i in range(0, len(padded), micro_batch_size)])
+    step = functools.partial(_forward_step, loss_for_batch)
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=batches, model=chunks,
+            num_microbatches=len(padded) // micro_batch_size, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True)
+
+
+def _forward_step(loss_for_batch: LossForBatch, data_iterator, model: torch.nn.Module):
+    batch = next(data_iterator)
+    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                   attention_mask=None, labels=batch["labels"])
+    return output, functools.partial(loss_for_batch, batch=batch)
+
+
+def _empty_like(sample: Sample) -> Sample:
+    return {k: torch.zeros_like(v) for k, v in sample.items()}
+
+
+def modality_loss(per_token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple:
+    """The training loss function (text and image apart)."""
+    return masked_loss(per_token_loss, batch["loss_mask"], batch["modality"])
+
+
+def data_parallel_share(samples: Sequence[Sample]) -> list[Sample]:
+    """This data-parallel rank's samples: every DP-th one, padded to an equal count."""
+    rank = parallel_state.get_data_parallel_rank()
+    size = parallel_state.get_data_parallel_world_size()
+    share = list(samples[rank::size])
+    per_rank = -(-len(samples) // size)
+    return share + [_empty_like(samples[0])] * (per_rank - len(share))
+
+
+def broadcast_from_last_stage(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every pipeline stage gets the last stage's values (same shape on every stage)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        values = values.to(device)
+        dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return values.cpu()
+
+
+_KEYS = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
+         "loss_image_tokens")
+
+
+def modality_perplexity(chunks: list[torch.nn.Module], samples: Sequence[Sample],
+                        micro_batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean losses and perplexities over all samples (all DP ranks together)."""
+    reports = forward_reports(chunks, data_parallel_share(samples), micro_batch_size,
+                              modality_loss, device)
+    values = torch.zeros(len(_KEYS), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        means = reduce_reports(reports, parallel_state.get_data_parallel_group())
+        values = torch.tensor([means[k] for k in _KEYS], dtype=torch.float64)
+    out = dict(zip(_KEYS, broadcast_from_last_stage(values, device).tolist()))
+    for key in ("loss", "loss_text", "loss_image"):
+        if out[f"{key}_tokens"]:
+            out[key.replace("loss", "ppl")] = math.exp(out[key])
+        else:  # no such tokens (e.g. images in a text file): null in the JSON report
+            out[key] = out[key.replace("loss", "ppl")] = None
+    return out
+
+
+# ---- what to measure ------------------------------------------------------------------------
+
+def validation_samples(cfg: Config, max_samples: int | None = None) -> list[Sample]:
+    """The validation split of the run's data (the demo corpus or its token files)."""
+    from megatron_t2i.eval.loading import eval_platform
+
+    valid = build_data_pipeline(cfg, eval_platform(cfg)).valid
+    n = len(valid) if max_samples is None else min(max_samples, len(valid))
+    return [valid[i] for i in range(n)]
+
+
+def text_file_samples(path: str | Path, tokenizer: TextTokenizer, layout: VocabLayout,
+                      seq_length: int, max_samples: int | None = None) -> list[Sample]:
+    """A held-out text file as fixed-length language-modelling samples.
+
+    Each non-empty line is a document `[bos] text [eod]`; the documents are concatenated and
+    cut into windows of seq_length + 1 tokens (the last one padded and masked), the usual way
+    to measure a language model's perplexity on running text. Every target is text.
+    """
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    stream: list[int] = []
+    for line in filter(None, lines):
+        stream += [layout.bos_id, *tokenizer.encode(line), layout.eod_id]
+    if not stream:
+        raise ValueError(f"{path}: no text (every line is empty)")
+    window = seq_length + 1
+    samples = []
+    for start in range(0, len(stream) - 1, seq_length):
+        piece = np.asarray(stream[start:start + window], dtype=np.int64)
+        samples.append(_lm_sample(piece, window, layout.pad_id))
+        if max_samples is not None and len(samples) >= max_samples:
+            break
+    return samples
+
+
+def _lm_sample(piece: np.ndarray, window: int, pad_id: int) -> Sample:
+    n = len(piece)
+    full = np.full(window, pad_id, dtype=np.int64)
+    full[:n] = piece
+    mask = (np.arange(1, window) < n).astype(np.float32)
+    return {"tokens": torch.from_numpy(full[:-1].copy()),
+            "labels": torch.from_numpy(full[1:].copy()),
+            "loss_mask": torch.from_numpy(mask),
+            "modality": torch.zeros(window - 1, dtype=torch.int64)}
+
+
+# ---- the tool -------------------------------------------------------------------------------
+
+def evaluate_perplexity(checkpoint: str | Path, tp: int = 1, pp: int = 1,
+                        max_samples: int | None = None, text_file: str | Path | None = None,
+                        text_tokenizer: str | Path | None = None,
+                        micro_batch_size: int | None = None) -> dict:
+    """The JSON report of tools/eval_perplexity.py: losses and perplexities per modality on
+    the run's validation split, and on a held-out text file if one is given."""
+    from megatron_t2i.eval import loading
+
+    cfg, chunks, layout, _ = loading.load_for_eval(checkpoint, tp, pp)
+    device = next(chunks[0].parameters()).device
+    mbs = micro_batch_size or cfg.train.micro_batch_size
+    report = {"checkpoint": str(checkpoint), "tp": tp, "pp": pp,
+              "valid": modality_perplexity(chunks, validation_samples(cfg, max_samples), mbs,
+                                           device)}
+    if text_file is not None:
+        tokenizer = loading.text_tokenizer_for(cfg, text_tokenizer)
+        samples = text_file_samples(text_file, tokenizer, layout, cfg.model.seq_length,
+                                    max_samples)
+        report["text_file"] = dict(modality_perplexity(chunks, samples, mbs, device),
+                                   file=str(text_file))
+    return report

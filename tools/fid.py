@@ -1,0 +1,44 @@
+"""FID between generated and reference images, with Inception weights from a local file.
+
+    python tools/fid.py --generated samples/samples.npz --reference ref_images/ \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth [--device cuda] [--out fid.json]
+
+Each set is an .npz with an `images` array (uint8 [n, h, w, 3]) or a folder of PNG/JPEG
+files. The weights are pytorch-fid's FID Inception file (nothing is downloaded). See
+megatron_t2i/eval/fid.py and inception.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--generated", required=True)
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--inception-weights", required=True)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from megatron_t2i.eval.fid import fid_report
+
+    try:
+        report = fid_report(args.generated, args.reference, args.inception_weights,
+                            args.batch_size, args.device)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
