@@ -100,7 +100,12 @@ class MetricsLogger:
             self._tensorboard.close()
             self._tensorboard = None
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            # finish() can return before W&B's service process has written the offline run
+            # file (a reader then finds it empty); teardown waits for the service to stop.
+            wandb.teardown()
             self._wandb = None
 
     def __enter__(self) -> MetricsLogger:
