@@ -10,9 +10,7 @@ megatron_t2i/eval/fidelity.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,18 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", required=True, help="samples.npz (images, captions)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    from megatron_t2i.eval.cli import print_report, run_tool
     from megatron_t2i.eval.fidelity import fidelity_of_samples
 
-    try:
-        report = fidelity_of_samples(args.samples)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return run_tool(lambda: fidelity_of_samples(args.samples),
+                    lambda report: print_report(report, args.out), distributed=False)
 
 
 if __name__ == "__main__":

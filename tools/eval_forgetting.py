@@ -12,9 +12,7 @@ ARC or PIQA layout. See megatron_t2i/eval/forgetting.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,26 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.text_file or args.prompts or args.task):
         parser.error("nothing to evaluate: give --text-file, --prompts and/or --task")
-    from megatron_t2i.eval import loading
+    from megatron_t2i.eval.cli import print_report, run_tool
     from megatron_t2i.eval.forgetting import evaluate_forgetting
-    from megatron_t2i.training.checkpointing import CheckpointError
 
-    try:
-        report = evaluate_forgetting(
+    return run_tool(
+        lambda: evaluate_forgetting(
             args.checkpoint, args.tp, args.pp, args.text_file, args.prompts, tuple(args.task),
             args.text_tokenizer, args.max_new_tokens, args.completions_out,
-            args.micro_batch_size)
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        loading.close()
-    if loading.is_writer():
-        text = json.dumps(report, indent=2)
-        print(text, flush=True)
-        if args.out:
-            Path(args.out).write_text(text + "\n")
-    return 0
+            args.micro_batch_size),
+        lambda report: print_report(report, args.out))
 
 
 if __name__ == "__main__":

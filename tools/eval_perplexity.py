@@ -11,9 +11,7 @@ ppl_image and token counts. See megatron_t2i/eval/perplexity.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,28 +26,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="sentencepiece .model or tokenizer.json (default: the run's)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
-    from megatron_t2i.eval import loading
+    from megatron_t2i.eval.cli import print_report, run_tool
     from megatron_t2i.eval.perplexity import evaluate_perplexity
-    from megatron_t2i.training.checkpointing import CheckpointError
 
-    try:
-        report = evaluate_perplexity(args.checkpoint, args.tp, args.pp, args.max_samples,
-                                     args.text_file, args.text_tokenizer, args.micro_batch_size)
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        loading.close()
-    if loading.is_writer():
-        _emit(report, args.out)
-    return 0
+    return run_tool(
+        lambda: evaluate_perplexity(args.checkpoint, args.tp, args.pp, args.max_samples,
+                                    args.text_file, args.text_tokenizer, args.micro_batch_size),
+        lambda report: print_report(report, args.out))
 
-
-def _emit(report: dict, out: str | None) -> None:
-    text = json.dumps(report, indent=2)
-    print(text, flush=True)
-    if out:
-        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

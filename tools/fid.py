@@ -11,9 +11,7 @@ megatron_t2i/eval/fid.py and inception.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,19 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    from megatron_t2i.eval.cli import print_report, run_tool
     from megatron_t2i.eval.fid import fid_report
 
-    try:
-        report = fid_report(args.generated, args.reference, args.inception_weights,
-                            args.batch_size, args.device)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return run_tool(lambda: fid_report(args.generated, args.reference, args.inception_weights,
+                                   args.batch_size, args.device),
+                    lambda report: print_report(report, args.out), distributed=False)
 
 
 if __name__ == "__main__":

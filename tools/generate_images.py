@@ -46,26 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         captions += [ln.strip() for ln in lines if ln.strip()]
     if not captions:
         parser.error("no captions: give --caption and/or --captions-file")
-    from megatron_t2i.eval import loading
+    from megatron_t2i.eval.cli import run_tool
     from megatron_t2i.eval.generate import SamplingParams, generate_images
-    from megatron_t2i.training.checkpointing import CheckpointError
 
-    try:
-        report = generate_images(
-            args.checkpoint, captions, args.out, args.tp,
-            SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
-            args.guidance_scale, args.batch_size, args.text_tokenizer, args.image_tokenizer,
-            args.image_tokenizer_kind, use_kv_cache=not args.no_kv_cache)
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        loading.close()
-    if loading.is_writer():
+    def emit(report: dict) -> None:
         report["captions"] = captions
         Path(args.out, "report.json").write_text(json.dumps(report) + "\n")
         print(f"wrote {report['num_images']} images to {args.out}", flush=True)
-    return 0
+
+    return run_tool(
+        lambda: generate_images(
+            args.checkpoint, captions, args.out, args.tp,
+            SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
+            args.guidance_scale, args.batch_size, args.text_tokenizer, args.image_tokenizer,
+            args.image_tokenizer_kind, use_kv_cache=not args.no_kv_cache),
+        emit)
 
 
 if __name__ == "__main__":
