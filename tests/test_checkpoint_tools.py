@@ -21,7 +21,14 @@ from conftest import REPO, read_metrics, run_train, train_env
 from megatron_t2i.checkpoint.convert import import_checkpoint
 from megatron_t2i.checkpoint.hf import HFSource, export_hf
 from megatron_t2i.checkpoint.inspect import describe, format_report
-from megatron_t2i.checkpoint.io import CheckpointReader, CheckpointToolError, staged_output
+from megatron_t2i.checkpoint.io import (
+    CheckpointReader,
+    CheckpointToolError,
+    Chunk,
+    TensorSpec,
+    staged_output,
+    write_checkpoint,
+)
 from megatron_t2i.checkpoint.openlm import OpenLMSource
 from megatron_t2i.checkpoint.surgery import resize_vocab
 from megatron_t2i.vocab import VocabLayout
@@ -30,6 +37,7 @@ transformers = pytest.importorskip("transformers")
 
 SCRIPT = REPO / "tests/scripts/ckpt_model.py"
 EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
+FC1 = "decoder.layers.mlp.linear_fc1.weight"
 # the demo corpus's text tokenizer: 128 ids, bos 1, eos 2, pad 3
 TEXT = VocabLayout(text_size=128, image_size=0, bos_id=1, eod_id=2, added_specials=(),
                    text_pad_id=3)
@@ -226,6 +234,48 @@ def test_surgery_result_trains(work, corpus_dir, tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [r["iteration"] for r in records] == [2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss_image_tokens"] > 0 for r in records)
+
+
+def test_surgery_streams_the_sources_chunks(work):
+    """The trainer stores each layer's TP slice as its own chunk; surgery copies every chunk
+    as it is (that is what keeps its memory to the vocabulary tables), so the output reads
+    back bit-identical, whole and chunk by chunk."""
+    src, out = CheckpointReader(work["dir"] / "src2"), CheckpointReader(work["dir"] / "r21")
+    assert len(src.chunks(FC1)) == 4 * 4  # 4 layers x [gate; up] halves x TP=2
+    for key in src.tensor_keys():
+        if key.startswith("optimizer") or key in (EMBED, OUTPUT):
+            continue
+        assert out.chunks(key) == src.chunks(key), key
+        full = out.read(key)
+        assert torch.equal(full, src.read(key)), key
+        for chunk in out.chunks(key):
+            assert torch.equal(out.read(key, chunk), full[chunk.index()]), (key, chunk)
+    region = Chunk((1, 10, 3), (2, 300, 50))  # across stored chunks
+    assert torch.equal(src.read(FC1, region), src.read(FC1)[region.index()])
+    with pytest.raises(CheckpointToolError, match="cannot read the region"):
+        src.read(FC1, Chunk((3, 0, 0), (2, 384, 64)))
+
+
+def test_written_checkpoints_are_layer_chunked(work, tmp_path):
+    """write_checkpoint stores layer-stacked tensors one layer per chunk (as the trainer
+    does), asking a whole-tensor producer once per tensor; imports are written so too."""
+    assert len(CheckpointReader(work["dir"] / "imp2").chunks(FC1)) == 2  # 2 layers
+    tensors = {FC1: torch.randn(3, 8, 4), EMBED: torch.randn(16, 4)}
+    calls = []
+
+    def produce(key):
+        calls.append(key)
+        return tensors[key]
+
+    entries = {k: TensorSpec(tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    write_checkpoint(tmp_path / "iter_0000000", entries, produce, {}, {"iteration": 0})
+    reader = CheckpointReader(tmp_path / "iter_0000000")
+    assert calls == [FC1, EMBED]
+    assert reader.chunks(FC1) == [((i, 0, 0), (1, 8, 4)) for i in range(3)]
+    assert reader.chunks(EMBED) == [((0, 0), (16, 4))]
+    for key, tensor in tensors.items():
+        assert torch.equal(reader.read(key), tensor)
+    assert torch.equal(reader.read(FC1, Chunk((2, 0, 0), (1, 8, 4))), tensors[FC1][2:])
 
 
 def test_source_is_never_modified(work):

@@ -1,53 +1,75 @@
 """Benchmark: streaming vocabulary surgery vs the naive route (load all, resize, save all).
 
-    python tools/bench_vocab_surgery.py [--workdir /tmp/bench_surgery] [--layers 24]
+    python tools/bench_vocab_surgery.py [--workdir /tmp/bench_vocab_surgery] [--layers 24]
         [--dtype bf16]
 
-Writes a checkpoint of OpenLM-1B shapes (24 layers, hidden 2048, 16 heads, SwiGLU 5632,
-50,432 text ids padded for TP=2, untied; random weights, model only) in the trainer's format,
-then grows it to 50,432 + 16,384 + 2 ids for TP=2 both ways, each in its own process, and
-prints wall time and peak RSS. The goal: streaming peak RSS <= 1/3 of the naive route's, and
-no slower.
+The source is a checkpoint of OpenLM-1B shapes (24 layers, hidden 2048, 16 heads, SwiGLU 5632,
+50,432 text ids padded for TP=2, untied; random weights) saved by the trainer at TP=2: two
+gloo processes build the trainer's model (model/gpt.py) and save it with the trainer's
+save_checkpoint (megatron-core dist_checkpointing, torch_dist), without an optimizer, which
+two ranks of fp32 Adam state at 1B would not fit in a small machine's memory. Then the
+vocabulary grows to 50,432 + 16,384 + 2 ids for TP=2 both ways, each in its own process, and
+the bench prints wall time and peak RSS. The goal: streaming peak RSS <= 1/3 of the naive
+route's, and no slower.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 OPENLM_1B = dict(num_layers=24, hidden_size=2048, num_attention_heads=16, num_query_groups=16,
                  ffn_hidden_size=5632, vocab_size=50432, normalization="LayerNorm",
                  norm_epsilon=1e-5, rotary_base=10000, tied=False, max_position_embeddings=2048,
                  bos_id=0, eod_id=0, pad_id=1)
+TP = 2
+FC1 = "decoder.layers.mlp.linear_fc1.weight"
 
 
-def make_source(folder: Path, layers: int, dtype: torch.dtype) -> None:
-    """A 1B-shaped trainer checkpoint (random weights), written tensor by tensor."""
+class _NoScheduler:
+    """save_checkpoint stores the LR scheduler's state; a model-only save has none."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def save_trainer_source(folder: Path, layers: int, precision: str) -> None:
+    """Under torchrun (TP ranks): the trainer's model at TP, saved by the trainer's code."""
+    from megatron.core import tensor_parallel
+
     from megatron_t2i.checkpoint import convert
     from megatron_t2i.checkpoint.convert import ModelSpec
-    from megatron_t2i.checkpoint.io import write_checkpoint, write_latest
+    from megatron_t2i.distributed import init_distributed
+    from megatron_t2i.model.gpt import build_model_chunks
+    from megatron_t2i.platform import select_platform
+    from megatron_t2i.training import checkpointing
 
     spec = ModelSpec(**dict(OPENLM_1B, num_layers=layers))
     layout = convert.text_layout(spec)
-    padded = layout.padded_size(128, 2)
-    cfg = convert.trainer_config(spec, 2, 1, 128)
-    entries = convert.trainer_entries(spec, padded, dtype)
-    gen = torch.Generator().manual_seed(0)
+    padded = layout.padded_size(128, TP)
+    cfg = convert.trainer_config(spec, TP, 1, 128)
+    cfg.train.precision, cfg.train.device = precision, "cpu"
+    select_platform("cpu", "gloo")
+    init_distributed(cfg.parallel, "cpu")
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    chunks = build_model_chunks(cfg, padded, on_cuda=False)
+    meta = {"config": cfg.to_dict(), "vocab": layout.to_dict(), "padded_vocab_size": padded}
+    checkpointing.save_checkpoint(folder, checkpointing.TrainState(0, 0), chunks, None,
+                                  _NoScheduler(), meta, save_optimizer=False)
 
-    def produce(key: str) -> torch.Tensor:
-        return (torch.randn(entries[key].shape, generator=gen) * 0.02).to(dtype)
 
-    meta = {"config": cfg.to_dict(), "vocab": layout.to_dict(), "padded_vocab_size": padded,
-            "iteration": 0, "consumed_samples": 0, "parallel": {}, "has_optimizer": False}
-    write_checkpoint(folder / "iter_0000000", entries, produce,
-                     {"iteration": 0, "consumed_samples": 0}, meta, desc="make source")
-    write_latest(folder, 0)
+def make_source(folder: Path, layers: int, precision: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={TP}", __file__, "--route", "source", "--layers", str(layers),
+           "--dtype", precision, str(folder)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if subprocess.run(cmd, env=env).returncode:
+        raise SystemExit("saving the source checkpoint failed")
 
 
 def naive(source: Path, output: Path) -> None:
@@ -103,22 +125,28 @@ def main() -> int:
     p.add_argument("--workdir", default="/tmp/bench_vocab_surgery")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--route", choices=("naive", "streaming"), help=argparse.SUPPRESS)
+    p.add_argument("--route", choices=("source", "naive", "streaming"), help=argparse.SUPPRESS)
     p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.route == "source":
+        save_trainer_source(Path(args.paths[0]), args.layers, args.dtype)
+        return 0
     if args.route:
         {"naive": naive, "streaming": streaming}[args.route](*map(Path, args.paths))
         print(_peak_rss_line(), flush=True)
         return 0
     work = Path(args.workdir)
-    source = work / "source"
+    source = work / f"source_{args.layers}l_{args.dtype}"
     if not (source / "latest").exists():
         shutil.rmtree(source, ignore_errors=True)
-        make_source(source, args.layers, torch.bfloat16 if args.dtype == "bf16" else
-                    torch.float32)
+        make_source(source, args.layers, args.dtype)
+    from megatron_t2i.checkpoint.io import CheckpointReader
+
     size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file()) / 2**30
+    fc1 = CheckpointReader(source).spec(FC1)
     print(f"source: {source} ({size:.2f} GiB, OpenLM-1B shapes, {args.layers} layers, "
-          f"{args.dtype})")
+          f"{args.dtype}, saved by the trainer at TP={TP}; {FC1} {fc1.shape} in "
+          f"{len(fc1.chunks)} chunks)")
     results = {}
     for route in ("naive", "streaming"):
         results[route] = _child(route, source, work / route)

@@ -6,10 +6,14 @@ in the torch_dist format: PyTorch Distributed Checkpoint (DCP) files holding *gl
 saved at; layer tensors carry a leading layer axis), a `common.pt` with the non-tensor state,
 a `metadata.json` naming the backend, and our `meta.json`.
 
-The tools here never need the whole model in memory: `CheckpointReader.read` loads one tensor
-through DCP, and `write_checkpoint` plans a DCP save from shapes alone and asks for each
-tensor only when DCP is about to write it, so a rewrite streams tensor by tensor.
-`staged_output` makes a tool's output appear whole or not at all.
+A global tensor is stored as *chunks* (DCP's word): the pieces the ranks wrote. The trainer
+writes each layer of a layer-stacked tensor as its own chunk (split again by TP), so the 1.1 GB
+`linear_fc1.weight` of a 1B model is 96 pieces of 11 MB at TP=2. The tools here never need
+the whole model in memory, nor even a whole tensor: `CheckpointReader.read` loads a tensor or
+one chunk of it, and `write_checkpoint` plans a DCP save from shapes alone and asks for each
+chunk only when DCP is about to write it; layer-stacked tensors are written one layer per
+chunk, as the trainer does, so a later tool can stream them too. `staged_output` makes a
+tool's output appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -24,14 +28,29 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 META_FILE = "meta.json"
 COMMON_FILE = "common.pt"
@@ -41,25 +60,57 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+LAYERS_KEY = "decoder.layers."  # keys holding it stack every layer on a leading axis
 
 
 class CheckpointToolError(ValueError):
     """Input a checkpoint tool cannot use; the message names the file and what is wrong."""
 
 
+class Chunk(NamedTuple):
+    """One stored piece of a global tensor: where it starts and how big it is."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def index(self) -> tuple[slice, ...]:
+        """The slices that cut this chunk out of the global tensor."""
+        return tuple(slice(o, o + n) for o, n in zip(self.offsets, self.sizes))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.sizes:
+            n *= s
+        return n
+
+
+def whole(shape: tuple[int, ...]) -> Chunk:
+    """The chunk that is the entire tensor."""
+    return Chunk((0,) * len(shape), tuple(shape))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """What the planner needs to know about a tensor before it exists."""
+    """What the planner needs to know about a tensor before it exists: its global shape and
+    dtype, and the chunks it is written as (None: `default_chunks`)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    chunks: tuple[Chunk, ...] | None = None
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return whole(self.shape).numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def default_chunks(key: str, shape: tuple[int, ...]) -> tuple[Chunk, ...]:
+    """One chunk per layer for a layer-stacked tensor (the trainer's own layout, so a later
+    tool can read it a layer at a time), else the whole tensor."""
+    if LAYERS_KEY in key and len(shape) >= 2:
+        rest = tuple(shape[1:])
+        return tuple(Chunk((i,) + (0,) * len(rest), (1,) + rest) for i in range(shape[0]))
+    return (whole(shape),)
 
 
 def iteration_folder(path: str | Path) -> Path:
@@ -96,13 +147,15 @@ class CheckpointReader:
         if backend.get("sharded_backend") != "torch_dist":
             raise CheckpointToolError(f"{self.folder / BACKEND_FILE}: sharded backend "
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
+        self._storage = FileSystemReader(str(self.folder))
         try:
-            self._metadata = FileSystemReader(str(self.folder)).read_metadata()
+            self._metadata = self._storage.read_metadata()
         except Exception as e:  # a truncated or foreign .metadata file
             raise CheckpointToolError(
                 f"{self.folder / DCP_METADATA_FILE}: not a readable DCP metadata file ({e})"
             ) from None
         self._check_shards()
+        self._storage.set_up_storage_reader(self._metadata, is_coordinator=True)
 
     def _check_shards(self) -> None:
         """Every data file the metadata points into must exist and be long enough."""
@@ -129,15 +182,17 @@ class CheckpointReader:
                 if isinstance(v, BytesStorageMetadata)]
 
     def spec(self, key: str) -> TensorSpec:
+        """Shape, dtype and the stored chunks: a rewrite with these chunks reads and writes
+        each piece exactly once."""
         md = self._metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
             raise CheckpointToolError(f"{self.folder}: no tensor {key!r} in the checkpoint")
-        return TensorSpec(tuple(md.size), md.properties.dtype)
+        return TensorSpec(tuple(md.size), md.properties.dtype, tuple(self.chunks(key)))
 
-    def chunks(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """(offsets, sizes) of the pieces the ranks wrote: the sharding it was saved with."""
+    def chunks(self, key: str) -> list[Chunk]:
+        """The pieces the ranks wrote: the sharding (and layer split) it was saved with."""
         md = self._metadata.state_dict_metadata[key]
-        return [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+        return [Chunk(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
 
     def common(self) -> dict[str, Any]:
         try:
@@ -147,31 +202,112 @@ class CheckpointReader:
                                       ) from None
 
     # ---- reading ---------------------------------------------------------------------------
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, chunk: Chunk | None = None) -> torch.Tensor:
+        """The global tensor, or the part of it `chunk` names. Memory: the result plus one
+        stored chunk at a time (DCP loads a stored chunk whole, then copies it in); a stored
+        chunk asked for as it is comes back without the copy."""
         spec = self.spec(key)
-        out = {key: torch.empty(spec.shape, dtype=spec.dtype)}
-        dcp.load(out, storage_reader=FileSystemReader(str(self.folder)), no_dist=True)
-        return out[key]
+        chunk = chunk or whole(spec.shape)
+        if len(chunk.offsets) != len(spec.shape) or any(
+                o < 0 or n < 0 or o + n > s for o, n, s in zip(*chunk, spec.shape)):
+            raise CheckpointToolError(f"{self.folder}: {key} is {spec.shape}; cannot read the "
+                                      f"region at {chunk.offsets} of size {chunk.sizes}")
+        if chunk in spec.chunks:
+            stored = self._load_stored_chunk(key, chunk)
+            if stored is not None:
+                return stored
+        out = torch.empty(chunk.sizes, dtype=spec.dtype)
+        wanted = ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes))
+        items = create_read_items_for_chunk_list(key, self._metadata.state_dict_metadata[key],
+                                                 [wanted])
+        found = sum(whole(tuple(item.lengths)).numel for item in items)
+        if found != chunk.numel:
+            raise CheckpointToolError(f"{self.folder}: the stored chunks of {key} cover {found} "
+                                      f"of the {chunk.numel} elements asked for")
+        self._read(items, _ReadInto(out))
+        return out
 
     def read_object_bytes(self, key: str) -> bytes:
         """The serialized bytes of a sharded object (RNG state, layer extra state), unparsed."""
         if not isinstance(self._metadata.state_dict_metadata.get(key), BytesStorageMetadata):
             raise CheckpointToolError(f"{self.folder}: no object {key!r} in the checkpoint")
-        planner = _RawBytesLoadPlanner()
-        dcp.load({key: io.BytesIO()}, storage_reader=FileSystemReader(str(self.folder)),
-                 planner=planner, no_dist=True)
-        return planner.raw[key]
+        index = MetadataIndex(key)
+        into = _ReadInto()
+        self._read([ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
+                             dest_offsets=torch.Size([0]), storage_index=index,
+                             storage_offsets=torch.Size([0]), lengths=torch.Size([0]))], into)
+        return into.raw[key]
+
+    def _load_stored_chunk(self, key: str, chunk: Chunk) -> torch.Tensor | None:
+        """A stored chunk asked for whole is the tensor torch.load returns from its bytes:
+        DCP's reader would load it the same way and then copy it into a fresh tensor, which
+        doubles the memory traffic of a copying tool. None when the bytes are transformed
+        (compressed, ...): the general path handles that."""
+        info = self._metadata.storage_data.get(MetadataIndex(key, torch.Size(chunk.offsets)))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        with open(self.folder / info.relative_path, "rb") as f:
+            tensor = torch.load(_FileWindow(f, info.offset, info.length), map_location="cpu",
+                                weights_only=True)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != chunk.sizes:
+            raise CheckpointToolError(f"{self.folder / info.relative_path}: the chunk of {key} "
+                                      f"at {chunk.offsets} does not hold a {chunk.sizes} tensor")
+        return tensor
+
+    def _read(self, items: list[ReadItem], into: _ReadInto) -> None:
+        """Run read items through the storage reader directly: dcp.load would re-read the
+        metadata and re-plan the whole state dict for every chunk."""
+        plan = self._storage.prepare_local_plan(LoadPlan(items))
+        plan = self._storage.prepare_global_plan([plan])[0]
+        self._storage.read_data(plan, into).wait()
 
 
-class _RawBytesLoadPlanner(DefaultLoadPlanner):
-    """Keeps sharded objects as the bytes on disk instead of unpickling them."""
+class _FileWindow(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, seen as a file of their own."""
 
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+    def __init__(self, f: io.BufferedReader, offset: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._length, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + pos, 0), self._length)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._length - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer).cast("B")[:n])
+        self._pos += got
+        return got
+
+
+class _ReadInto:
+    """The part of DCP's LoadPlanner a storage reader calls: where each read item lands."""
+
+    def __init__(self, out: torch.Tensor | None = None) -> None:
+        self.out = out
         self.raw: dict[str, bytes] = {}
 
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        self.raw[read_item.dest_index.fqn] = value.read()
+    def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
+        return self.out[Chunk(tuple(item.dest_offsets), tuple(item.lengths)).index()]
+
+    def commit_tensor(self, item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+    def load_bytes(self, item: ReadItem, value: io.BytesIO) -> None:
+        self.raw[item.dest_index.fqn] = value.read()
 
 
 def object_bytes(value: Any) -> bytes:
@@ -184,7 +320,8 @@ def object_bytes(value: Any) -> bytes:
 # ---- writing -----------------------------------------------------------------------------
 
 Entry = TensorSpec | bytes
-Producer = Callable[[str], torch.Tensor]
+Producer = Callable[[str], torch.Tensor]  # key -> the whole tensor
+ChunkProducer = Callable[[str, Chunk], torch.Tensor]  # key, chunk -> that part of it
 
 
 @dataclass
@@ -200,36 +337,89 @@ class WriteStats:
                 f"{self.bytes / 2**20:,.1f} MiB written in {self.seconds:.1f} s")
 
 
-class _LazySavePlanner(DefaultSavePlanner):
-    """Plans from shapes (meta tensors); produces each tensor only when DCP writes it."""
+def _write_items(entries: dict[str, Entry]) -> list[WriteItem]:
+    """One DCP write item per chunk of each tensor, one per object; in `entries`' order."""
+    items = []
+    for key, entry in entries.items():
+        if not isinstance(entry, TensorSpec):
+            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
+            continue
+        size, properties = torch.Size(entry.shape), TensorProperties(dtype=entry.dtype)
+        for chunk in entry.chunks or default_chunks(key, entry.shape):
+            offsets = torch.Size(chunk.offsets)
+            items.append(WriteItem(
+                index=MetadataIndex(key, offsets), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(ChunkStorageMetadata(offsets,
+                                                                 torch.Size(chunk.sizes)),
+                                            properties, size)))
+    return items
 
-    def __init__(self, entries: dict[str, Entry], produce: Producer,
-                 progress: Callable[[int], None]) -> None:
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans from shapes alone; produces each chunk only when DCP writes it.
+
+    With a whole-tensor `produce`, the tensor is held only while its chunks are written.
+    """
+
+    def __init__(self, entries: dict[str, Entry], produce: Producer | None,
+                 produce_chunk: ChunkProducer | None, progress: Callable[[int], None]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._entries = entries
         self._produce = produce
+        self._produce_chunk = produce_chunk
         self._progress = progress
+        self._held: tuple[str, torch.Tensor, int] | None = None  # key, tensor, chunks left
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(_write_items(self._entries))
+        return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
         key = write_item.index.fqn
         entry = self._entries[key]
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(entry)
-        tensor = self._produce(key)
-        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-            raise RuntimeError(f"{key}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
-                               f"{entry.shape} {entry.dtype}")
-        self._progress(entry.nbytes)
+        md = write_item.tensor_data.chunk
+        chunk = Chunk(tuple(md.offsets), tuple(md.sizes))
+        if self._produce_chunk is not None:
+            tensor = self._produce_chunk(key, chunk)
+        else:
+            tensor = self._from_whole(key, entry, chunk)
+        if tuple(tensor.shape) != chunk.sizes or tensor.dtype != entry.dtype:
+            raise RuntimeError(f"{key}: produced {tuple(tensor.shape)} {tensor.dtype} for the "
+                               f"chunk at {chunk.offsets}, planned {chunk.sizes} {entry.dtype}")
+        self._progress(tensor.nbytes)
         return tensor.contiguous()
 
+    def _from_whole(self, key: str, entry: TensorSpec, chunk: Chunk) -> torch.Tensor:
+        if self._held is None or self._held[0] != key:
+            self._held = None  # free the previous tensor before producing the next
+            tensor = self._produce(key)
+            if tuple(tensor.shape) != entry.shape:
+                raise RuntimeError(f"{key}: produced {tuple(tensor.shape)}, planned "
+                                   f"{entry.shape}")
+            self._held = (key, tensor, len(entry.chunks or default_chunks(key, entry.shape)))
+        key, tensor, left = self._held
+        self._held = (key, tensor, left - 1) if left > 1 else None
+        return tensor[chunk.index()]
 
-def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer,
-                     common: dict[str, Any], meta: dict[str, Any], desc: str = "writing"
-                     ) -> WriteStats:
+
+def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer | None,
+                     common: dict[str, Any], meta: dict[str, Any], desc: str = "writing",
+                     produce_chunk: ChunkProducer | None = None) -> WriteStats:
     """Write a complete iteration folder. `entries` maps each key to its spec (tensors) or
-    serialized bytes (sharded objects); `produce(key)` returns a tensor when it is written."""
+    serialized bytes (sharded objects). Each tensor is written as its spec's chunks (else
+    `default_chunks`); `produce_chunk(key, chunk)` returns one chunk when DCP writes it, or,
+    without it, `produce(key)` returns the whole tensor when its first chunk is written.
+
+    One file per write item: DCP's writer keeps every tensor of a file alive until the file
+    is closed, so a single file per rank would hold the whole model in memory. The files are
+    synced once at the end (an fsync per file would wait for each one's writeback in turn).
+    """
     from tqdm import tqdm
 
+    if (produce is None) == (produce_chunk is None):
+        raise TypeError("write_checkpoint needs exactly one of produce, produce_chunk")
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     planned: dict[str, Any] = {}
@@ -241,15 +431,30 @@ def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer,
     total = sum(e.nbytes for e in entries.values() if isinstance(e, TensorSpec))
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False,
               disable=None) as bar:
-        planner = _LazySavePlanner(entries, produce, bar.update)
-        dcp.save(planned, storage_writer=FileSystemWriter(str(folder), thread_count=1),
-                 planner=planner, no_dist=True)
+        planner = _LazySavePlanner(entries, produce, produce_chunk, bar.update)
+        writer = FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1,
+                                  sync_files=False)
+        dcp.save(planned, storage_writer=writer, planner=planner, no_dist=True)
     torch.save(common, folder / COMMON_FILE)
     (folder / BACKEND_FILE).write_text(json.dumps(BACKEND))
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _sync_folder(folder)
     stats.bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _sync_folder(folder: Path) -> None:
+    """Every file of `folder`, and the folder itself, on disk before the output is published."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,9 @@ are dropped; new padding rows are zero. New real rows are initialised by choice:
                new specials get `normal`
 
 Only the word embeddings and output layer are held in memory (old and new table); every other
-tensor streams from the source to the output one at a time (io.write_checkpoint). The torch_dist
+tensor streams from the source to the output one stored chunk at a time, keeping the source's
+chunks (io.write_checkpoint): for a trainer checkpoint that is one layer's TP slice, so the
+peak memory is the two vocabulary tables, whatever the depth of the model. The torch_dist
 format stores global tensors, so the target TP only changes the padding; the trainer slices
 at load time. Optimizer state is dropped unless `keep_optimizer`, which grows the moments of
 the resized tables with zeros (the regular optimizer's per-parameter state only).
@@ -37,6 +39,7 @@ from megatron_t2i.checkpoint.io import (
     VOCAB_KEYS,
     CheckpointReader,
     CheckpointToolError,
+    Chunk,
     TensorSpec,
     WriteStats,
     staged_output,
@@ -112,6 +115,9 @@ def plan_rows(old: VocabLayout, new: VocabLayout, padded: int) -> RowPlan:
 
 # ---- new rows --------------------------------------------------------------------------------
 
+ROW_BLOCK = 1024  # rows drawn (and row statistics summed) at a time: 8 MB of float32 at 2048
+
+
 @dataclass
 class RowInit:
     method: InitMethod = "normal"
@@ -120,20 +126,35 @@ class RowInit:
     file: Path | None = None
     file_rows: dict[str, torch.Tensor] | None = None  # loaded from `file`, per table name
 
-    def rows(self, table: str, key: str, n: int, existing: torch.Tensor,
-             image: bool) -> torch.Tensor:
-        """n new rows for `key` (float32), from `existing` (the old text rows)."""
-        hidden = existing.shape[1]
-        gen = torch.Generator().manual_seed(_seed(self.seed, key, image))
+    def fill(self, out: torch.Tensor, table: str, key: str, existing: torch.Tensor,
+             image: bool) -> None:
+        """Write the new rows of `key` into `out` [n, hidden], from `existing` (the old text
+        rows). Drawn in float32 a block of rows at a time (the same numbers as one draw), so
+        16k new rows of a 1B model never exist in float32 at once."""
         if self.method == "file" and image and self.file_rows and table in self.file_rows:
-            return self.file_rows[table].float()
-        if self.method == "mean":
-            return existing.double().mean(0).float().expand(n, hidden).clone()
-        if self.method == "mean_std":
-            mean, std = existing.double().mean(0), existing.double().std(0)
-            noise = torch.randn(n, hidden, generator=gen, dtype=torch.float64)
-            return (mean + noise * std).float()
-        return torch.randn(n, hidden, generator=gen) * self.std
+            out.copy_(self.file_rows[table])
+            return
+        if self.method in ("mean", "mean_std"):
+            mean, std = _row_stats(existing)
+            if self.method == "mean":
+                out.copy_(mean.float().expand_as(out))
+                return
+        gen = torch.Generator().manual_seed(_seed(self.seed, key, image))
+        for a in range(0, out.shape[0], ROW_BLOCK):
+            n = min(ROW_BLOCK, out.shape[0] - a)
+            if self.method == "mean_std":
+                noise = torch.randn(n, out.shape[1], generator=gen, dtype=torch.float64)
+                out[a:a + n] = (mean + noise * std).float()
+            else:
+                out[a:a + n] = torch.randn(n, out.shape[1], generator=gen) * self.std
+
+
+def _row_stats(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and (unbiased) std in float64, summed a block of rows at a time."""
+    blocks = [rows[a:a + ROW_BLOCK] for a in range(0, rows.shape[0], ROW_BLOCK)]
+    mean = sum(b.double().sum(0) for b in blocks) / rows.shape[0]
+    var = sum(((b.double() - mean) ** 2).sum(0) for b in blocks) / max(rows.shape[0] - 1, 1)
+    return mean, var.sqrt()
 
 
 def _seed(seed: int, key: str, image: bool) -> int:
@@ -189,10 +210,11 @@ def grow_table(old: torch.Tensor, plan: RowPlan, key: str, init: RowInit,
     table = "word_embeddings" if key.startswith("embedding") else "output_layer"
     text = old[:plan.copies[0][2]]
     if stop > start:
-        new[start:stop] = init.rows(table, key, stop - start, text, image=True).to(old.dtype)
+        init.fill(new[start:stop], table, key, text, image=True)
     if plan.new_specials:
-        rows = init.rows(table, key, len(plan.new_specials), text, image=False)
-        new[plan.new_specials] = rows.to(old.dtype)
+        rows = torch.empty(len(plan.new_specials), old.shape[1], dtype=old.dtype)
+        init.fill(rows, table, key, text, image=False)
+        new[plan.new_specials] = rows
     return new
 
 
@@ -230,18 +252,22 @@ def resize_vocab(source: str | Path, output: str | Path, image_size: int = 16384
     tables: dict[str, torch.Tensor] = {}
 
     def produce(key: str) -> torch.Tensor:
+        """A resized table (or its optimizer state), whole."""
         if key in grown:
             state_name, model_key = grown[key]
             if state_name == "fp32_param":  # the fp32 master copy of the new rows
                 weights = tables[model_key] if model_key in tables else produce(model_key)
                 return grow_table(reader.read(key), plan, key, row_init, new_rows_from=weights)
             return grow_table(reader.read(key), plan, key, row_init, zero_new=True)
-        if key in vocab_keys:
-            table = grow_table(reader.read(key), plan, key, row_init)
-            if keep_optimizer:
-                tables[key] = table
-            return table
-        return reader.read(key)
+        table = grow_table(reader.read(key), plan, key, row_init)
+        if keep_optimizer:
+            tables[key] = table
+        return table
+
+    def produce_chunk(key: str, chunk: Chunk) -> torch.Tensor:
+        if key in grown or key in vocab_keys:  # planned as one chunk
+            return produce(key)
+        return reader.read(key, chunk)  # a stored chunk of the source, as it is
 
     common = reader.common()
     has_optimizer = keep_optimizer and meta.get("has_optimizer", False)
@@ -253,8 +279,8 @@ def resize_vocab(source: str | Path, output: str | Path, image_size: int = 16384
                                  seed=seed))
     iteration = int(meta.get("iteration", common.get("iteration", 0)))
     with staged_output(output, overwrite, sources=(Path(source), reader.folder)) as tmp:
-        stats = write_checkpoint(tmp / reader.folder.name, entries, produce, common, out_meta,
-                                 desc="resize_vocab")
+        stats = write_checkpoint(tmp / reader.folder.name, entries, None, common, out_meta,
+                                 desc="resize_vocab", produce_chunk=produce_chunk)
         write_latest(tmp, iteration)
     stats.extra.update(padded_vocab_size=padded, layout=new_layout)
     return stats
@@ -285,7 +311,8 @@ def _source_layout(reader: CheckpointReader) -> VocabLayout:
 
 def _plan_entries(reader: CheckpointReader, vocab_keys: list[str], padded: int,
                   keep_optimizer: bool) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
-    """Every output entry, and which optimizer tensors follow a resized table."""
+    """Every output entry, and which optimizer tensors follow a resized table. A copied
+    tensor keeps the source's chunks; a resized one is planned whole."""
     entries: dict[str, Any] = {}
     grown: dict[str, tuple[str, str]] = {}
     model_keys = {k for k in reader.tensor_keys() if not k.startswith("optimizer")}
