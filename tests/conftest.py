@@ -24,7 +24,17 @@ TINY = [
 ]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (or set T2I_RUN_SLOW=1)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not (config.getoption("--runslow") or os.environ.get("T2I_RUN_SLOW") == "1"):
+        skip_slow = pytest.mark.skip(reason="slow: run with --runslow or T2I_RUN_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -1,0 +1,88 @@
+"""The mini-study (tools/mini_study.py): its English corpus, its step runner, and the whole
+quick study end to end (marked slow: run with --runslow or T2I_RUN_SLOW=1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from megatron_t2i.eval.forgetting import read_choice_task
+from megatron_t2i.study.english import build_english_corpus, continuation_task
+from megatron_t2i.study.pipeline import Step, StudyError, run_steps
+
+
+def test_english_corpus_is_deterministic_prose():
+    first = build_english_corpus(max_chars=150_000)
+    again = build_english_corpus(max_chars=150_000)
+    assert first == again
+    assert first.chars >= 150_000 and len(first.train) > 300 and first.held_out
+    assert not set(first.train) & set(first.held_out)
+    for paragraph in first.train + first.held_out:
+        assert ">>>" not in paragraph and "\n" not in paragraph
+        assert paragraph[0].isupper() and len(paragraph.split()) >= 8
+
+
+def test_continuation_task_is_a_readable_choice_task(tmp_path):
+    corpus = build_english_corpus(max_chars=150_000)
+    items = continuation_task(corpus.held_out + corpus.train[:200], count=20, seed=3)
+    assert items == continuation_task(corpus.held_out + corpus.train[:200], count=20, seed=3)
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    parsed = read_choice_task(path)  # the forgetting evaluation's own reader
+    assert len(parsed) == 20 and all(len(p.choices) == 4 for p in parsed)
+    for p in parsed:
+        whole = f"{p.context} {p.choices[p.answer]}"
+        assert whole in corpus.held_out + corpus.train[:200]
+
+
+def _py(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def test_steps_run_after_their_needs_and_failures_name_the_step(tmp_path):
+    order = tmp_path / "order.txt"
+    write = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
+    steps = [Step("c", (*_py(write), str(order), "c"), needs=("a", "b")),
+             Step("a", (*_py(write), str(order), "a")),
+             Step("b", (*_py(write), str(order), "b"), needs=("a",))]
+    seconds = run_steps(steps, tmp_path, jobs=2)
+    assert set(seconds) == {"a", "b", "c"}
+    assert order.read_text().split() == ["a", "b", "c"]
+    broken = [Step("ok", _py("print('fine')")),
+              Step("bad", _py("import sys; print('the cause'); sys.exit(3)"), needs=("ok",))]
+    with pytest.raises(StudyError, match=r"step bad failed \(exit status 3\)(.|\n)*the cause"):
+        run_steps(broken, tmp_path, jobs=2)
+    with pytest.raises(StudyError, match="needs"):
+        run_steps([Step("x", _py("pass"), needs=("missing",))], tmp_path, jobs=1)
+
+
+@pytest.mark.slow
+def test_quick_mini_study_reports_every_series(tmp_path):
+    from megatron_t2i.study.report import FIGURES, SERIES
+
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "tools/mini_study.py", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for name in SERIES:
+        values = summary["series"][name]["values"]
+        assert len(values) >= 5 and all(math.isfinite(v) for v in values), name
+    for name in SERIES:
+        if "valid_ppl_image" in name:  # every run learnt its images: below uniform guessing
+            values = summary["series"][name]["values"]
+            assert values[-1] < values[0] and values[-1] < 256, name
+    forgetting = summary["forgetting"]
+    assert set(forgetting) == {"eval_lm", "eval_t2i_pretrained", "eval_t2i_random"}
+    for result in forgetting.values():
+        assert result["held_out_ppl"] > 1 and 0 <= result["continuation_acc"] <= 1
+        assert len(result["completions"]) == 6
+    for figure in FIGURES:
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    report = (out / "report.md").read_text()
+    assert "## Forgetting (Table 1)" in report and "## Contrastive alignment" in report
