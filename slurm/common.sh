@@ -8,7 +8,7 @@
 #                        job when USR1 stopped it early
 #   t2i_sweep_line F N   the N-th (0-based) run of a sweep file
 #
-# Sweeps (job arrays): SWEEP=slurm/sweeps/paper_ablations.txt sbatch --array=0-5 SCRIPT ...
+# Sweeps (job arrays): SWEEP=slurm/sweeps/t2i_init_and_freezing.txt sbatch --array=0-5 SCRIPT ...
 # Each non-comment line of the file is `name section.key=value ...`; array task N runs line N
 # with its overrides applied after the command line's, in runs/<job name>-<array job id>-<name>,
 # as W&B run <name> in group <job name>-<array job id>.

@@ -151,7 +151,7 @@ def test_pre_timeout_signal_saves_requeues_and_resumes(slurm_env, corpus_dir, tm
 # ---- the scripts' plumbing, without a cluster -------------------------------------------------
 
 def test_sweep_lines_are_valid_overrides():
-    sweep = REPO / "slurm" / "sweeps" / "paper_ablations.txt"
+    sweep = REPO / "slurm" / "sweeps" / "t2i_init_and_freezing.txt"
     lines = [ln for ln in sweep.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     for i, line in enumerate(lines):
         picked = subprocess.run(
@@ -165,7 +165,7 @@ def test_array_task_gets_its_run_directory_and_overrides(tmp_path):
     """Task 2 of array job 41 runs the third sweep line after the command line's overrides."""
     env = dict(os.environ, SLURM_JOB_ID="43", SLURM_ARRAY_JOB_ID="41", SLURM_ARRAY_TASK_ID="2",
                SLURM_JOB_NAME="abl", SLURM_JOB_NODELIST="gpu[01-04]", SLURM_SUBMIT_DIR=str(REPO),
-               SWEEP="slurm/sweeps/paper_ablations.txt", T2I_RUNS=str(tmp_path))
+               SWEEP="slurm/sweeps/t2i_init_and_freezing.txt", T2I_RUNS=str(tmp_path))
     script = ('source slurm/common.sh; t2i_setup "$@" >/dev/null; '
               'printf "%s\\n" "$RUN_DIR" "$MASTER_PORT" "${T2I_OVERRIDES[@]}"')
     out = subprocess.run(["bash", "-c", script, "-", "checkpoint.pretrained=/ckpt/x"],
