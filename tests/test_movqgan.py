@@ -3,8 +3,6 @@ official checkpoint layout (key names and shapes) the released files must load i
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -92,11 +90,19 @@ def test_lightning_style_file_with_training_members_loads(tok, tmp_path):
     assert loaded.identity() == tok.identity()
 
 
+class TrainingHparams:
+    """Stands for the pickled objects a Lightning training checkpoint carries."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
 def test_unreadable_files_fail_clearly(tok, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt not found"):
         MoVQGAN.from_checkpoint(tmp_path / "nope.ckpt")
-    # A full training checkpoint pickles objects (here a Namespace); they are never unpickled.
-    torch.save({"state_dict": tok.model.state_dict(), "hparams": argparse.Namespace(lr=1)},
+    # A full training checkpoint pickles objects (here the trainer's own class); they are never
+    # unpickled. (Not argparse.Namespace: megatron-core registers that as a safe global.)
+    torch.save({"state_dict": tok.model.state_dict(), "hparams": TrainingHparams(lr=1)},
                tmp_path / "full.ckpt")
     with pytest.raises(ValueError, match="full.ckpt: not a weights-only torch file"):
         MoVQGAN.from_checkpoint(tmp_path / "full.ckpt", preset=SMALL)
