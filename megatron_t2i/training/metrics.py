@@ -51,7 +51,7 @@ _STDOUT_FIELDS = (
     ("lr", "lr {:.3e}"),
     ("grad_norm", "grad {:.3f}"),
     ("tokens_per_sec", "{:,.0f} tok/s"),
-    ("tflops_per_gpu", "{:.1f} TFLOP/s"),
+    ("tflops_per_gpu", "{:.3g} TFLOP/s"),
     ("mfu", "MFU {:.1%}"),
     ("data_wait_fraction", "data wait {:.1%}"),
     ("memory_gib", "mem {:.1f} GiB"),
