@@ -36,12 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from megatron_t2i.data.indexed import DataFileError
-    from megatron_t2i.training.checkpointing import CheckpointError
-    if cfg.train.engine == "deepspeed":  # heavy imports after validation
-        from megatron_t2i.training.deepspeed_engine import run
-    else:
-        from megatron_t2i.training.trainer import run
     from megatron_t2i.training import faults  # exit codes: see training/faults.py
+    from megatron_t2i.training.checkpointing import CheckpointError
+    from megatron_t2i.training.trainer import run  # heavy imports after validation
     from megatron_t2i.vocab import VocabMismatchError
 
     try:

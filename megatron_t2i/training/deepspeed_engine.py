@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 
-from megatron_t2i.config import Config, OptimConfig
+from megatron_t2i.config import OptimConfig
 from megatron_t2i.training import checkpointing, faults
 from megatron_t2i.training.deepspeed_config import deepspeed_config
 from megatron_t2i.training.loss import masked_loss
@@ -220,12 +220,4 @@ def _skip_cpu_shm_comm_op() -> None:
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
-
-def run(cfg: Config) -> dict[str, Any]:
-    trainer = DeepSpeedTrainer(cfg)
-    trainer.setup()
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
 

@@ -391,7 +391,13 @@ class Trainer:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    trainer = Trainer(cfg)
+    """Train with the engine the config names (train.engine)."""
+    if cfg.train.engine == "deepspeed":
+        from megatron_t2i.training.deepspeed_engine import DeepSpeedTrainer
+
+        trainer: Trainer = DeepSpeedTrainer(cfg)
+    else:
+        trainer = Trainer(cfg)
     trainer.setup()
     try:
         return trainer.train()
