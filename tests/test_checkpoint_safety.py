@@ -128,8 +128,19 @@ def test_the_payloads_are_live(genuine, tmp_path):
     assert marker.exists()
 
 
-def test_genuine_checkpoint_passes(genuine):
+def test_genuine_and_surgery_output_pass(genuine, tmp_path):
+    """The trainer's checkpoint and a tool's output (written by checkpoint/io.py) pass the
+    gate; the objects a tool copies reach its output unchanged."""
+    import resize_vocab
+
+    from megatron_t2i.checkpoint.io import CheckpointReader
+
     check_before_load(genuine / "checkpoints" / "iter_0000001")
+    assert resize_vocab.main([str(genuine / "checkpoints"), str(tmp_path / "out"),
+                              "--image-size", "300"]) == 0
+    source, out = CheckpointReader(genuine / "checkpoints"), CheckpointReader(tmp_path / "out")
+    keys = [k for k in source.object_keys() if "_extra_state" in k]
+    assert keys and all(out.read_object_bytes(k) == source.read_object_bytes(k) for k in keys)
 
 
 @pytest.mark.parametrize("payload", sorted(CRAFT))

@@ -15,7 +15,7 @@ pickle of the folder the safe way, before any library touches it:
 - each sharded object stored in the DCP data files, `common.pt` and every other `*.pt` file
   (megatron-core object files, DeepSpeed's model and optimizer states) with
   `torch.load(weights_only=True)`, which admits tensors, plain data and the few classes
-  registered as safe (megatron-core's own list, plus `DEEPSPEED_SAFE_GLOBALS` here).
+  registered as safe (megatron-core's own list; DeepSpeed's few, for its files only).
 
 Unpickling only ever calls a global the pickle names, so bytes that these readers accept
 load the same, and run nothing, when the libraries' own unrestricted loaders read them next.
@@ -24,7 +24,9 @@ Anything else is refused with one line naming the file and the class (`Untrusted
 
 from __future__ import annotations
 
+import collections
 import io
+import pathlib
 import pickle
 import re
 import zipfile
@@ -55,7 +57,8 @@ _DCP_CLASSES: tuple[type, ...] = (
 _PLAIN: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # "torch.strided"
-    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,  # StorageMeta.checkpoint_id of a no_dist save
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
 }
@@ -64,8 +67,6 @@ METADATA_GLOBALS: dict[tuple[str, str], Any] = {
     **{("torch", str(d).removeprefix("torch.")): d for d in vars(torch).values()
        if isinstance(d, torch.dtype)},
 }
-
-
 DEEPSPEED_SUFFIXES = ("_model_states.pt", "_optim_states.pt")
 
 
