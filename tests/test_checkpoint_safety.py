@@ -230,6 +230,12 @@ def test_deepspeed_resume_refuses_crafted_model_states(tmp_path, corpus_dir):
     folder = run_dir / "checkpoints" / "iter_0000001"
     check_before_load(folder)  # genuine ZeRO files pass the allowlist
     marker = tmp_path / "payload-ran"
+    optim_copy = tmp_path / "optim"  # the optimizer state is checked too
+    shutil.copytree(folder, optim_copy)
+    optim = craft_torch_file(optim_copy / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(UntrustedCheckpoint) as refused:
+        check_before_load(optim_copy)
+    assert str(optim) in str(refused.value) and not marker.exists()
     crafted = craft_torch_file(folder / "mp_rank_00_model_states.pt", marker)
     proc = run_train(run_dir, corpus_dir, env=env, check=False,
                      overrides=engine + ["train.train_iters=2", "checkpoint.save_interval=1"])
