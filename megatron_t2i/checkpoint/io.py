@@ -147,14 +147,14 @@ class CheckpointReader:
         if backend.get("sharded_backend") != "torch_dist":
             raise CheckpointToolError(f"{self.folder / BACKEND_FILE}: sharded backend "
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
-        self._storage = FileSystemReader(str(self.folder))
-        try:
-            self._metadata = self._storage.read_metadata()
-        except Exception as e:  # a truncated or foreign .metadata file
-            raise CheckpointToolError(
-                f"{self.folder / DCP_METADATA_FILE}: not a readable DCP metadata file ({e})"
-            ) from None
+        # the metadata through the allowlist, then every other pickle: nothing in the folder
+        # runs code, and what read_object_bytes hands on to be copied has been validated
+        from megatron_t2i.checkpoint.trust import check_before_load, read_dcp_metadata
+
+        self._metadata = read_dcp_metadata(self.folder / DCP_METADATA_FILE)
         self._check_shards()
+        check_before_load(self.folder)
+        self._storage = FileSystemReader(str(self.folder))
         self._storage.set_up_storage_reader(self._metadata, is_coordinator=True)
 
     def _check_shards(self) -> None:
@@ -195,11 +195,9 @@ class CheckpointReader:
         return [Chunk(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
 
     def common(self) -> dict[str, Any]:
-        try:
-            return torch.load(self.folder / COMMON_FILE, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointToolError(f"{self.folder / COMMON_FILE}: cannot be read ({e})"
-                                      ) from None
+        from megatron_t2i.checkpoint.trust import load_object
+
+        return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
 
     # ---- reading ---------------------------------------------------------------------------
     def read(self, key: str, chunk: Chunk | None = None) -> torch.Tensor:
@@ -236,7 +234,10 @@ class CheckpointReader:
         self._read([ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
                              dest_offsets=torch.Size([0]), storage_index=index,
                              storage_offsets=torch.Size([0]), lengths=torch.Size([0]))], into)
-        return into.raw[key]
+        from megatron_t2i.checkpoint.trust import checked_object_bytes
+
+        # validated again as read: a tool copies these bytes into its output verbatim
+        return checked_object_bytes(into.raw[key], f"{self.folder} (object {key!r})")
 
     def _load_stored_chunk(self, key: str, chunk: Chunk) -> torch.Tensor | None:
         """A stored chunk asked for whole is the tensor torch.load returns from its bytes:

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_t2i.checkpoint.io import CheckpointToolError
+from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.vocab import VocabLayout
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -72,6 +74,15 @@ def resolve_checkpoint_folder(path: Path) -> Path:
         raise CheckpointError(f"{path} is neither a checkpoint folder (no meta.json) nor a "
                               f"checkpoint root (no 'latest' marker)")
     return iteration_dir(path, iteration)
+
+
+def check_trusted(folder: Path) -> None:
+    """Every pickle of the folder validated (checkpoint/trust.py) before megatron-core, DCP or
+    DeepSpeed open it: their own loaders would run any code a crafted file holds."""
+    try:
+        check_before_load(folder)
+    except CheckpointToolError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -203,6 +214,7 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
+    check_trusted(folder)
     same_layout = _same_parallel_layout(meta.get("parallel", {}))
     sharded = model_sharded_state_dict(chunks)
     with_optimizer = load_optimizer and meta.get("has_optimizer", False)
@@ -237,6 +249,7 @@ def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: Voca
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
+    check_trusted(folder)
     with torch.no_grad():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
     _apply_model(chunks, loaded)

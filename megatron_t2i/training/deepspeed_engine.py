@@ -78,6 +78,7 @@ class DeepSpeedTrainer(Trainer):
         checkpointing.check_engine(folder, meta, ENGINE)
         checkpointing.check_vocab(folder, meta, self.data.layout, self.padded_vocab_size)
         _check_same_sharding(folder, meta, self.cfg.deepspeed.zero_stage)
+        checkpointing.check_trusted(folder)  # DeepSpeed unpickles with weights_only=False
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                                 load_lr_scheduler_states=False)
         if client is None:
