@@ -45,8 +45,8 @@ def test_out_of_range_values_name_the_key(item: str) -> None:
 
 @pytest.mark.parametrize("items, message", [
     (["optim.lr=1e-4", "optim.min_lr=1e-3"], "optim.min_lr=0.001 is above optim.lr=0.0001"),
-    (["optim.lr_warmup_iters=200", "train.train_iters=100"],
-     "optim.lr_warmup_iters=200 is above train.train_iters=100"),
+    (["optim.lr_warmup_iters=200", "optim.lr_decay_iters=100"],
+     "optim.lr_warmup_iters=200 is above optim.lr_decay_iters=100"),
 ])
 def test_related_values(items: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -54,11 +54,12 @@ def test_related_values(items: list[str], message: str) -> None:
 
 
 def test_boundary_values_are_accepted() -> None:
-    """Null intervals, zero weight decay / clip / dropout, and lr 0 (evaluation-only runs)."""
+    """Null intervals, zero weight decay / clip / dropout, lr 0 (evaluation-only runs), and a
+    short run that stops inside the warmup (benchmarks)."""
     cfg = load_config(REPO / "configs/demo.yaml", [
         "optim.lr=0", "optim.min_lr=0", "optim.weight_decay=0", "optim.clip_grad=0",
         "optim.adam_beta1=0", "model.hidden_dropout=0", "train.eval_interval=null",
-        "checkpoint.save_interval=null", "optim.lr_warmup_iters=100", "train.train_iters=100"])
+        "checkpoint.save_interval=null", "optim.lr_warmup_iters=100", "train.train_iters=10"])
     validate(cfg, world_size=1)
 
 
