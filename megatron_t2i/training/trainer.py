@@ -403,14 +403,19 @@ class Trainer:
         self._print(f"{name} received: saving at iteration {self.iteration} and stopping")
         if not self._saved_at(self.iteration):
             self.save()
+        self._preempted = True
         raise faults.Preempted(name, self.iteration)
 
     def close(self) -> None:
         self.metrics.close()
         destroy_distributed()
         # last: a launcher's SIGTERM to the other ranks after a preemption must not cut
-        # their sinks short
-        self.exit_signals.restore()
+        # their sinks short; after a preemption never: that SIGTERM may come while the
+        # interpreter exits, and must leave this rank's 75 alone (training/faults.py)
+        if getattr(self, "_preempted", False):
+            self.exit_signals.ignore()
+        else:
+            self.exit_signals.restore()
 
 
 def run(cfg: Config) -> dict[str, Any]:
