@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,33 @@ def test_zip_writer_short_write_on_a_full_disk_is_named(small_disk: Path) -> Non
     error = disk_full_error(raised.value, folder, small_disk)
     assert str(error).startswith(f"no space left on device while writing {folder} (")
     assert disk_full_error(raised.value, Path.cwd(), Path.cwd()) is None  # plenty of room
+
+
+# ---- no orphaned checkpoint writers ----------------------------------------------------------
+
+def _processes_with(marker: str) -> list[str]:
+    """Processes whose environment holds `marker` (what is left of a job), as `pid cmdline`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes()[:120]!r}")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_rank_killed_mid_save_leaves_no_writer_process(tmp_path: Path, corpus_dir: Path) -> None:
+    """The rank is SIGKILLed while megatron-core's forked shard writers (and its results-queue
+    Manager) run: all of them go with it; before, both lived on, holding the output pipes."""
+    marker = f"T2I_ORPHAN_TEST={tmp_path}"
+    env = train_env(MEGATRON_T2I_KILL_AT="writer@2", T2I_ORPHAN_TEST=str(tmp_path))
+    proc = run_train(tmp_path, corpus_dir, check=False, env=env, timeout=120, overrides=[
+        "train.train_iters=3", "checkpoint.save_interval=1"])
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "1"
+    assert (tmp_path / "checkpoints" / "iter_0000002.tmp").exists()  # killed mid-save
+    deadline = time.monotonic() + 10  # the kernel delivers the parent-death signal at once
+    while (left := _processes_with(marker.encode())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left

@@ -36,6 +36,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_t2i.training.writer_guard import writers_die_with_rank
 from megatron_t2i.vocab import VocabLayout
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -140,7 +141,8 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
     sharded["iteration"] = state.iteration
     sharded["consumed_samples"] = state.consumed_samples
     try:
-        dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+        with writers_die_with_rank(state.iteration):  # no orphaned writer processes
+            dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         full = disk_full_error(e, tmp, root)
         if full is None:
