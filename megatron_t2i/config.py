@@ -127,6 +127,9 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # A NaN/Inf loss: stop the run with a message (exit 1), or skip that update and go on.
     nan_policy: Literal["stop", "skip"] = "stop"
+    # Under nan_policy=skip: this many skipped updates in a row stop the run as `stop` would
+    # (a diverged run skips every step from then on and would otherwise end "successfully").
+    max_consecutive_skips: int = 10
     # Signals that make the run finish its iteration, save and exit 75 (training/faults.py);
     # empty: leave every signal's default action alone.
     exit_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -240,7 +243,14 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {item!r}: the key must be section.key, "
                           f"for example parallel.tensor_model_parallel_size=2")
-    return parts[0], parts[1], yaml.safe_load(text) if text.strip() else None
+    if not text.strip():
+        return parts[0], parts[1], None
+    try:
+        return parts[0], parts[1], yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {parts[0]}.{parts[1]}: {text!r} is not a valid YAML "
+                          f"value ({reason}); quote strings that hold YAML syntax") from None
 
 
 def _suggest(name: str, valid, prefix: str = "") -> str:
@@ -397,6 +407,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
     _split_weights(cfg.data.split)
+    _check_ranges(cfg)
     _check_exit_signals(t.exit_signals)
     _check_data_paths(cfg.data)
     if m.freeze:
@@ -405,6 +416,52 @@ def validate(cfg: Config, world_size: int) -> None:
         from megatron_t2i.training.deepspeed_config import validate_deepspeed
 
         validate_deepspeed(cfg, world_size)
+
+
+# Numeric ranges, as intervals ("(" / ")" exclusive, "[" / "]" inclusive); a null value of an
+# optional key is not checked. Sizes that must divide each other are checked in validate().
+_RANGES: dict[str, str] = {
+    "model.num_query_groups": "(0, inf)", "model.ffn_hidden_size": "(0, inf)",
+    "model.max_position_embeddings": "(0, inf)", "model.norm_epsilon": "(0, inf)",
+    "model.rotary_base": "(0, inf)", "model.init_method_std": "(0, inf)",
+    "model.hidden_dropout": "[0, 1)", "model.attention_dropout": "[0, 1)",
+    "model.make_vocab_size_divisible_by": "(0, inf)",
+    "parallel.distributed_timeout_minutes": "(0, inf)",
+    "data.image_vocab_size": "(0, inf)", "data.caption_dropout": "[0, 1)",
+    "data.synthetic_samples": "(0, inf)", "data.synthetic_image_size": "(0, inf)",
+    "data.synthetic_patch_size": "(0, inf)",
+    # lr 0 is allowed: a run that only evaluates a checkpoint, with its weights left as they are
+    "optim.lr": "[0, inf)", "optim.min_lr": "[0, inf)", "optim.weight_decay": "[0, inf)",
+    "optim.adam_beta1": "[0, 1)", "optim.adam_beta2": "[0, 1)", "optim.adam_eps": "(0, inf)",
+    "optim.clip_grad": "[0, inf)", "optim.lr_warmup_iters": "[0, inf)",
+    "optim.lr_decay_iters": "(0, inf)",
+    "train.eval_interval": "(0, inf)", "train.eval_iters": "(0, inf)",
+    "train.exit_interval": "(0, inf)", "train.max_consecutive_skips": "(0, inf)",
+    "checkpoint.save_interval": "(0, inf)", "logging.peak_tflops_per_gpu": "(0, inf)",
+}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, interval in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not _in_interval(value, interval):
+            raise ConfigError(f"{key}={value} is outside {interval}")
+    o = cfg.optim
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+    # Warmup beyond train.train_iters stays allowed: short benchmark and smoke runs of the
+    # recipes (2,000 warmup iterations) stop inside it on purpose.
+    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
+        raise ConfigError(f"optim.lr_warmup_iters={o.lr_warmup_iters} is above "
+                          f"optim.lr_decay_iters={o.lr_decay_iters}")
 
 
 def _check_data_paths(d: DataConfig) -> None:

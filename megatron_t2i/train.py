@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
     except faults.Preempted:
+        faults.record_preempted()  # for megatron_t2i.torchrun
         return faults.PREEMPTED_EXIT_CODE  # the trainer said why; a restart resumes
     except (CheckpointError, VocabMismatchError, DataFileError, FileNotFoundError,
             faults.NonFiniteLoss) as e:

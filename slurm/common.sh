@@ -82,14 +82,18 @@ t2i_step() {
   done
   trap - USR1 TERM
   t2i_log "step exited with status $rc"
-  # USR1 is the pre-timeout warning (--signal=B:USR1@SECONDS): the ranks saved and left with
-  # 75, and the job goes back to the queue to resume from `latest` under the same job id.
-  if [ "$T2I_SIGNAL" = USR1 ] && [ "$rc" != 0 ]; then
+  # USR1 is the pre-timeout warning (--signal=B:USR1@SECONDS): when the ranks saved and left
+  # with 75, the job goes back to the queue to resume from `latest` under the same job id.
+  # Any other status (an error, a save that failed) is not requeued: it would fail again.
+  if [ "$T2I_SIGNAL" = USR1 ] && [ "$rc" = "$T2I_PREEMPTED" ]; then
     if scontrol requeue "$SLURM_JOB_ID"; then
       t2i_log "requeued job $SLURM_JOB_ID; it resumes from the last checkpoint"
     else
       t2i_log "could not requeue job $SLURM_JOB_ID (submitted with --no-requeue?)"
     fi
+  elif [ -n "$T2I_SIGNAL" ]; then
+    t2i_log "not requeued: the step exited $rc after SIG$T2I_SIGNAL, not $T2I_PREEMPTED" \
+      "(stopped after a complete checkpoint)"
   fi
   return "$rc"
 }

@@ -59,12 +59,14 @@ def test_unknown_exit_signal_is_refused(tmp_path, corpus_dir):
 
 
 def test_sigterm_to_one_rank_saves_on_all_and_restart_resumes(tmp_path, corpus_dir):
-    """torchrun with 2 ranks; SIGTERM reaches rank 1 only, and both save after the same
-    iteration (their flags are all-reduced), exit 75, and the same command resumes."""
+    """launch/torchrun_local.sh with 2 ranks; SIGTERM reaches rank 1 only, and both save after
+    the same iteration (their flags are all-reduced), both exit 75 (the one torchrun's teardown
+    SIGTERMs too), the launcher exits 75, and the same command resumes."""
     overrides = ["train.train_iters=20"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *_train_cmd(tmp_path, corpus_dir, overrides)]
-    with subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.PIPE,
+    cmd = ["bash", str(REPO / "launch" / "torchrun_local.sh"),
+           *_train_cmd(tmp_path, corpus_dir, overrides)[2:]]
+    env = train_env(PYTHON=sys.executable, NPROC="2")
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True) as job:
         try:
             _wait_for_metrics(tmp_path, [job])
@@ -76,11 +78,13 @@ def test_sigterm_to_one_rank_saves_on_all_and_restart_resumes(tmp_path, corpus_d
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == faults.PREEMPTED_EXIT_CODE, err[-3000:]
+    # both ranks' own exit codes: neither died of torchrun's teardown SIGTERM
+    assert "ranks [0, 1] exited [75, 75]: every rank stopped after saving" in err, err[-3000:]
     stopped = re.search(r"SIGTERM received: saving at iteration (\d+) and stopping", out)
     assert stopped, out[-3000:] + err[-3000:]
     iteration = int(stopped.group(1))
     assert 0 < iteration < 20
-    assert re.search(rf"exitcode\s*:\s*{faults.PREEMPTED_EXIT_CODE}\b", err), err[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == str(iteration)
     assert read_metrics(tmp_path)[-1]["iteration"] == iteration
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -191,3 +192,37 @@ def test_sbatch_scripts_parse_and_torchrun_has_their_flags():
     header = [ln for ln in (REPO / "slurm" / "train.sbatch").read_text().splitlines()
               if ln.startswith("#SBATCH")]
     assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
+
+
+@pytest.mark.parametrize("step_status, requeued", [(75, True), (1, False), (0, False)])
+def test_pre_timeout_signal_requeues_only_a_step_that_exited_75(tmp_path, step_status, requeued):
+    """slurm/common.sh's t2i_step under USR1: passes the signal on to the job's steps
+    (scancel), and requeues the job only when the step then exits 75 (the ranks saved). The
+    cluster's scancel/scontrol are stand-ins that record their arguments; the real cluster
+    runs the whole path in test_pre_timeout_signal_saves_requeues_and_resumes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, action in (("scancel", 'touch "$T2I_TEST/signalled"'), ("scontrol", "true")):
+        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> "$T2I_TEST/calls"\n'
+                                    f"{action}\n")
+        (bin_dir / tool).chmod(0o755)
+    # the step: a rank that exits with step_status once the signal reached it
+    step = (f'touch "$T2I_TEST/started"; until [ -e "$T2I_TEST/signalled" ]; do sleep 0.05; '
+            f"done; exit {step_status}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", T2I_TEST=str(tmp_path),
+               SLURM_JOB_ID="77")
+    job = subprocess.Popen(["bash", "-c", 'source slurm/common.sh; t2i_step bash -c "$0"', step],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == step_status, out
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "scancel --signal=USR1 77"
+    assert (calls[1:] == ["scontrol requeue 77"]) is requeued, (calls, out)
+    assert ("requeued job 77" in out) is requeued
+    if not requeued:
+        assert f"not requeued: the step exited {step_status} after SIGUSR1, not 75" in out

@@ -111,6 +111,7 @@ def open_indexed(prefix: str | Path, expected_layout: VocabLayout,
     expected_layout.check_matches(VocabLayout.from_dict(sidecar["layout"]),
                                   mine=mine, theirs=str(p["vocab.json"]))
     _check_bin_size(p["idx"], p["bin"])
+    _check_index_arrays(p["idx"], p["bin"])
     return IndexedDataset(str(prefix), mmap=True)
 
 
@@ -137,3 +138,42 @@ def _check_bin_size(idx: Path, bin_: Path) -> None:
         raise DataFileError(f"{bin_}: {actual} bytes, but {idx} describes {expected} bytes of "
                          f"tokens; the file is truncated or belongs to another index; "
                          f"regenerate the token files")
+
+
+def _check_index_arrays(idx: Path, bin_: Path) -> None:
+    """Pointers and document indices that megatron-core would follow out of the .bin (a bare
+    `ValueError: offset ...` mid-training) or into a wrong document: checked vectorised, once,
+    when the dataset is opened."""
+    with open(idx, "rb") as f:
+        _, _, code, sequences, documents = _IDX_HEAD.unpack(f.read(_IDX_HEAD.size))
+    index = np.memmap(idx, mode="r", offset=_IDX_HEAD.size)
+    lengths = index[:sequences * 4].view(np.int32).astype(np.int64)
+    pointers = index[sequences * 4:sequences * 12].view(np.int64)
+    doc_idx = index[sequences * 12:sequences * 12 + documents * 8].view(np.int64)
+    problem = _index_problem(lengths, pointers, doc_idx, DType.size(code), bin_.stat().st_size)
+    if problem:
+        raise DataFileError(f"{idx}: {problem}; the index is corrupt: regenerate the token "
+                            f"files")
+
+
+def _index_problem(lengths: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray,
+                   token_bytes: int, bin_bytes: int) -> str | None:
+    """What is inconsistent in the index arrays, or None."""
+    if (bad := np.flatnonzero(lengths < 0)).size:
+        return f"sequence {bad[0]} has a negative length {lengths[bad[0]]}"
+    if (bad := np.flatnonzero(np.diff(pointers) < 0)).size:
+        return (f"sequence pointers are not increasing (sequence {bad[0] + 1} starts at byte "
+                f"{pointers[bad[0] + 1]}, before sequence {bad[0]} at {pointers[bad[0]]})")
+    ends = pointers + lengths * token_bytes
+    if (bad := np.flatnonzero((pointers < 0) | (ends > bin_bytes))).size:
+        return (f"sequence {bad[0]} spans bytes {pointers[bad[0]]}-{ends[bad[0]]}, outside "
+                f"the {bin_bytes}-byte .bin")
+    if doc_idx.size == 0 or doc_idx[0] != 0 or doc_idx[-1] != lengths.size:
+        first_last = f"{doc_idx[0]}..{doc_idx[-1]}" if doc_idx.size else "none"
+        return (f"document indices must run from 0 to the {lengths.size} sequences, "
+                f"found {first_last}")
+    if (bad := np.flatnonzero(np.diff(doc_idx) < 0)).size:
+        return (f"document indices are not increasing (document {bad[0] + 1} starts at "
+                f"sequence {doc_idx[bad[0] + 1]}, before document {bad[0]} at "
+                f"{doc_idx[bad[0]]})")
+    return None

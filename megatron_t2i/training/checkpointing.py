@@ -21,6 +21,7 @@ are per (PP, TP) rank and are reloaded only on the same layout.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,9 +34,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_t2i.checkpoint.io import CheckpointToolError
 from megatron_t2i.checkpoint.trust import check_before_load
+from megatron_t2i.training.writer_guard import writers_die_with_rank
 from megatron_t2i.vocab import VocabLayout
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -148,7 +151,14 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
     sharded["rng_state"] = _rng_sharded_object(is_loading=False)
     sharded["iteration"] = state.iteration
     sharded["consumed_samples"] = state.consumed_samples
-    dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+    try:
+        with writers_die_with_rank(state.iteration):  # no orphaned writer processes
+            dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        full = disk_full_error(e, tmp, root)
+        if full is None:
+            raise
+        raise full from None
     return publish_save(root, state, dict(meta, has_optimizer=save_optimizer))
 
 
@@ -182,6 +192,34 @@ def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
         write_latest(root, state.iteration)
     dist.barrier()
     return final
+
+
+# What a full disk looks like once it has come through megatron-core's writer processes and
+# torch's zip writer: an errno in a message, or the zip writer's check of a short write.
+_ENOSPC_TEXT = (os.strerror(errno.ENOSPC), f"[Errno {errno.ENOSPC}]")
+_SHORT_WRITE_TEXT = "unexpected pos"
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def disk_full_error(error: BaseException, folder: Path, root: Path) -> CheckpointError | None:
+    """A one-line CheckpointError when `error` (raised while writing `folder`) was a full disk,
+    else None. A short write of the zip writer counts when the filesystem is nearly full."""
+    text = " ".join(str(e) for e in _exception_chain(error))
+    free = shutil.disk_usage(folder if folder.exists() else root).free
+    short_write = _SHORT_WRITE_TEXT in text and free < _NEARLY_FULL_BYTES
+    if not (short_write or any(t in text for t in _ENOSPC_TEXT)):
+        return None
+    return CheckpointError(f"no space left on device while writing {folder} ({free:,} bytes "
+                           f"free there); {root / 'latest'} still names the last complete "
+                           f"checkpoint: free some space and resume")
+
+
+def _exception_chain(error: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def _tmp_dir(root: Path, iteration: int) -> Path:

@@ -153,8 +153,14 @@ class DeepSpeedTrainer(Trainer):
         client = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "opt_param_scheduler": self.scheduler.state_dict(),
                   "rng_state": checkpointing.rng_state()}
-        self.engine.save_checkpoint(str(root), tag=tmp.name, client_state=client,
-                                    save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(root), tag=tmp.name, client_state=client,
+                                        save_latest=False)
+        except Exception as e:
+            full = checkpointing.disk_full_error(e, tmp, root)
+            if full is None:
+                raise
+            raise full from None
         meta = {"config": self.cfg.to_dict(), "vocab": self.data.layout.to_dict(),
                 "padded_vocab_size": self.padded_vocab_size, "has_optimizer": True,
                 "engine": ENGINE, "zero_stage": self.cfg.deepspeed.zero_stage}

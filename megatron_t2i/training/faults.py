@@ -12,19 +12,28 @@ Exit codes of `python -m megatron_t2i.train` (what an sbatch script branches on)
 
 Signals: a handler only sets a flag, since the checkpoint save is a collective that every rank
 must enter after the same iteration. After each iteration the ranks agree through an
-all-reduce (MAX) of their flags, so a signal that reached one rank stops them all.
+all-reduce (MAX) of their flags, so a signal that reached one rank stops them all. After such a
+stop the signals stay caught, then ignored, until the process exits: the first rank to leave
+makes torchrun (or srun --kill-on-bad-exit) SIGTERM the others, and that SIGTERM must not turn
+their 75 into a death by signal. torchrun reports 1 for any failed worker: start it through
+`python -m megatron_t2i.torchrun` to get 75 when every rank stopped with 75.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
+from pathlib import Path
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 75
+# Set by megatron_t2i.torchrun: a folder where each local rank that stops with 75 says so,
+# since torchrun itself reports only "a worker failed" (exit 1).
+EXIT_STATUS_DIR_ENV = "T2I_EXIT_STATUS_DIR"
 
 
 class Preempted(Exception):
@@ -71,6 +80,13 @@ class ExitSignals:
             signal.signal(number, handler)
         self._previous.clear()
 
+    def ignore(self) -> None:
+        """After a stop on a signal: ignore further ones at the OS level. A Python handler
+        would not do, since the interpreter resets those to the default while it exits."""
+        for number in self.numbers:
+            signal.signal(number, signal.SIG_IGN)
+        self._previous.clear()
+
     def _handle(self, number: int, frame: FrameType | None) -> None:
         self.received = number  # nothing else is safe here: the save must be collective
 
@@ -82,6 +98,14 @@ class ExitSignals:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+def record_preempted() -> None:
+    """Leave a note for megatron_t2i.torchrun that this rank stops with 75 (no-op elsewhere)."""
+    folder = os.environ.get(EXIT_STATUS_DIR_ENV)
+    if folder:
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        Path(folder, f"local_rank_{local_rank}").write_text(f"{PREEMPTED_EXIT_CODE}\n")
 
 
 def signal_name(number: int) -> str:

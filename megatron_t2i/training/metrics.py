@@ -55,6 +55,8 @@ _STDOUT_FIELDS = (
     ("mfu", "MFU {:.1%}"),
     ("data_wait_fraction", "data wait {:.1%}"),
     ("memory_gib", "mem {:.1f} GiB"),
+    ("skips_in_a_row", "skipped {:.0f} in a row"),  # train.nan_policy=skip only
+    ("skips_total", "{:.0f} in all"),
 )
 
 

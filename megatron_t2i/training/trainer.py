@@ -209,8 +209,10 @@ class Trainer:
             self.iteration += 1
             self.consumed_samples += cfg.train.global_batch_size
             last = report
+            self._count_skips(report)
             if self.iteration % cfg.train.log_interval == 0:
                 self._log_train(report, elapsed)
+            self._stop_after_too_many_skips()
             if cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0:
                 self.metrics.log_eval(self.iteration, self.evaluate())
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
@@ -255,8 +257,29 @@ class Trainer:
             raise faults.NonFiniteLoss(
                 f"{message}; train.nan_policy=stop ended the run: resume from the last "
                 f"checkpoint with a lower optim.lr, or set train.nan_policy=skip")
+        self._skip_reason = message  # the floor's message repeats the last one
         self._print(f"{message}: update skipped (train.nan_policy=skip)")
         return True
+
+    def _count_skips(self, report: dict[str, float]) -> None:
+        """Skipped updates in a row and in all (under nan_policy=skip, added to the report)."""
+        if self.cfg.train.nan_policy != "skip":
+            return
+        skipped = report.get("skipped", 0.0) > 0
+        self.skips_in_a_row = getattr(self, "skips_in_a_row", 0) + 1 if skipped else 0
+        self.skips_total = getattr(self, "skips_total", 0) + int(skipped)
+        report.update(skips_in_a_row=self.skips_in_a_row, skips_total=self.skips_total)
+
+    def _stop_after_too_many_skips(self) -> None:
+        """The floor under nan_policy=skip: a run that skips every update has diverged."""
+        limit = self.cfg.train.max_consecutive_skips
+        if getattr(self, "skips_in_a_row", 0) < limit:
+            return
+        reason = getattr(self, "_skip_reason", f"non-finite values at iteration {self.iteration}")
+        raise faults.NonFiniteLoss(
+            f"{reason}; {limit} updates in a row were skipped (train.max_consecutive_skips="
+            f"{limit}), which ended the run: resume from the last checkpoint with a lower "
+            f"optim.lr")
 
     def _non_finite_grads(self) -> str | None:
         """Collective: each rank holds other gradient shards, so the flag is all-reduced."""
@@ -380,14 +403,19 @@ class Trainer:
         self._print(f"{name} received: saving at iteration {self.iteration} and stopping")
         if not self._saved_at(self.iteration):
             self.save()
+        self._preempted = True
         raise faults.Preempted(name, self.iteration)
 
     def close(self) -> None:
         self.metrics.close()
         destroy_distributed()
         # last: a launcher's SIGTERM to the other ranks after a preemption must not cut
-        # their sinks short
-        self.exit_signals.restore()
+        # their sinks short; after a preemption never: that SIGTERM may come while the
+        # interpreter exits, and must leave this rank's 75 alone (training/faults.py)
+        if getattr(self, "_preempted", False):
+            self.exit_signals.ignore()
+        else:
+            self.exit_signals.restore()
 
 
 def run(cfg: Config) -> dict[str, Any]:
