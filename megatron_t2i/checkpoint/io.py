@@ -52,6 +52,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint, write_manifest
+
 META_FILE = "meta.json"
 COMMON_FILE = "common.pt"
 DCP_METADATA_FILE = ".metadata"
@@ -130,10 +132,44 @@ def iteration_folder(path: str | Path) -> Path:
                               f"iter_NNNNNNN folder) nor a `latest` file (a checkpoint root)")
 
 
+def check_shards(folder: Path, metadata: Any = None) -> None:
+    """Every data file the DCP metadata points into must exist and be long enough (for a
+    checkpoint without a manifest; a manifest records exact sizes and hashes)."""
+    if metadata is None:
+        try:
+            metadata = FileSystemReader(str(folder)).read_metadata()
+        except Exception as e:  # a truncated or foreign .metadata file
+            raise CheckpointToolError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
+                                      f"metadata file ({e})") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointToolError(f"{folder}: shard file {name} is missing "
+                                      f"(listed in {DCP_METADATA_FILE})")
+        if path.stat().st_size < size:
+            raise CheckpointToolError(f"{path}: truncated ({path.stat().st_size} bytes, "
+                                      f"the metadata needs {size})")
+
+
+def check_files(folder: Path, verify: bool = True) -> None:
+    """The file check of every load path: the manifest's sizes and checksums (integrity.py),
+    or for an older checkpoint without one, the shard sizes its DCP metadata needs."""
+    try:
+        verified = verify_checkpoint(folder, verify)
+    except ChecksumError as e:
+        raise CheckpointToolError(str(e)) from None
+    if not verified:
+        check_shards(folder)
+
+
 class CheckpointReader:
     """One trainer checkpoint, checked to be complete, read a tensor at a time."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.folder = iteration_folder(path)
         for name in (META_FILE, BACKEND_FILE, DCP_METADATA_FILE, COMMON_FILE):
             if not (self.folder / name).is_file():
@@ -147,6 +183,7 @@ class CheckpointReader:
         if backend.get("sharded_backend") != "torch_dist":
             raise CheckpointToolError(f"{self.folder / BACKEND_FILE}: sharded backend "
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
+        check_files(self.folder, verify)  # before the first byte of it is parsed
         self._storage = FileSystemReader(str(self.folder))
         try:
             self._metadata = self._storage.read_metadata()
@@ -154,23 +191,7 @@ class CheckpointReader:
             raise CheckpointToolError(
                 f"{self.folder / DCP_METADATA_FILE}: not a readable DCP metadata file ({e})"
             ) from None
-        self._check_shards()
         self._storage.set_up_storage_reader(self._metadata, is_coordinator=True)
-
-    def _check_shards(self) -> None:
-        """Every data file the metadata points into must exist and be long enough."""
-        needed: dict[str, int] = {}
-        for info in self._metadata.storage_data.values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                             info.offset + info.length)
-        for name, size in sorted(needed.items()):
-            path = self.folder / name
-            if not path.is_file():
-                raise CheckpointToolError(f"{self.folder}: shard file {name} is missing "
-                                          f"(listed in {DCP_METADATA_FILE})")
-            if path.stat().st_size < size:
-                raise CheckpointToolError(f"{path}: truncated ({path.stat().st_size} bytes, "
-                                          f"the metadata needs {size})")
 
     # ---- what is there ---------------------------------------------------------------------
     def tensor_keys(self) -> list[str]:
@@ -438,6 +459,7 @@ def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer 
     torch.save(common, folder / COMMON_FILE)
     (folder / BACKEND_FILE).write_text(json.dumps(BACKEND))
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_manifest(folder)
     _sync_folder(folder)
     stats.bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     stats.seconds = time.perf_counter() - start

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.vocab import VocabLayout
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -165,6 +166,7 @@ def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
         full_meta = dict(meta, iteration=state.iteration,
                          consumed_samples=state.consumed_samples, parallel=parallel_layout())
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
+        write_manifest(tmp)  # sizes and checksums of every file, verified on load
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -198,8 +200,9 @@ def write_latest(root: Path, iteration: int) -> None:
 
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
                     layout: VocabLayout, padded_vocab_size: int, load_optimizer: bool = True,
-                    ) -> tuple[TrainState, dict[str, Any]]:
+                    verify: bool = True) -> tuple[TrainState, dict[str, Any]]:
     """Load model (resharded as needed), optimizer, scheduler, RNG and the train state."""
+    check_files(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
@@ -232,14 +235,38 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
 
 
 def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: VocabLayout,
-                       padded_vocab_size: int) -> None:
+                       padded_vocab_size: int, verify: bool = True) -> None:
     """Only the model tensors (resharded to this run's TP/PP), e.g. a pretrained init."""
+    check_files(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
     with torch.no_grad():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
     _apply_model(chunks, loaded)
+
+
+def check_files(folder: Path, verify: bool = True) -> None:
+    """The shard check every load path makes before reading: the manifest's sizes and
+    checksums (a flipped byte is refused naming the file), or the sizes the DCP metadata needs
+    for a checkpoint saved before manifests. `verify=False` skips only the hashing."""
+    from megatron_t2i.checkpoint.io import CheckpointToolError
+    from megatron_t2i.checkpoint.io import check_files as check_checkpoint_files
+
+    try:
+        check_checkpoint_files(folder, verify)
+    except CheckpointToolError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def verify_manifest(folder: Path, verify: bool = True) -> None:
+    """The manifest check alone (a DeepSpeed checkpoint has no DCP metadata to size-check)."""
+    from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint
+
+    try:
+        verify_checkpoint(folder, verify)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:

@@ -183,7 +183,7 @@ class Trainer:
             return
         state, _ = checkpointing.load_checkpoint(
             folder, self.chunks, self.optimizer, self.scheduler, self.data.layout,
-            self.padded_vocab_size)
+            self.padded_vocab_size, verify=self.cfg.checkpoint.verify_checksums)
         self.iteration, self.consumed_samples = state.iteration, state.consumed_samples
         self.data.set_consumed_samples(self.consumed_samples)
         self._print(f"resumed from {folder} at iteration {self.iteration} "
@@ -194,7 +194,8 @@ class Trainer:
         if folder is None:
             return
         checkpointing.load_model_weights(folder, self.chunks, self.data.layout,
-                                         self.padded_vocab_size)
+                                         self.padded_vocab_size,
+                                         verify=self.cfg.checkpoint.verify_checksums)
         self._print(f"initialised the model from {folder}")
 
     # ---- the loop ------------------------------------------------------------------------
@@ -318,7 +319,11 @@ class Trainer:
             dist.broadcast(values, last, group=parallel_state.get_pipeline_model_parallel_group())
         keys = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
                 "loss_image_tokens")
-        return dict(zip(keys, values.cpu().tolist()))
+        out = dict(zip(keys, values.cpu().tolist()))
+        # a batch without image (or text) targets has no such loss: absent, not NaN, in
+        # metrics.jsonl, stdout, TensorBoard and W&B
+        return {k: v for k, v in out.items()
+                if k.endswith("_tokens") or out.get(f"{k}_tokens", 1) > 0}
 
     # ---- logging and saving --------------------------------------------------------------
     def _log_train(self, report: dict[str, float], elapsed: float) -> None:
