@@ -22,6 +22,7 @@ from megatron_t2i.checkpoint.io import (
     CheckpointReader,
     CheckpointToolError,
     WriteStats,
+    reason,
     staged_output,
 )
 from megatron_t2i.vocab import VocabLayout
@@ -242,7 +243,7 @@ class HFSource:
             return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
         except Exception as e:  # bytes past a truncated end, a corrupt header
             raise CheckpointToolError(f"{self._files[key]}: tensor {key} cannot be read "
-                                      f"({_first_line(e)})") from None
+                                      f"({reason(e)})") from None
 
 
 def _ignorable(key: str, spec: ModelSpec) -> bool:
@@ -261,7 +262,7 @@ def _open_weights(f: Path) -> Any:
             return safe_open(str(f), framework="pt")
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointToolError(f"{f}: not a readable weights file ({_first_line(e)})"
+        raise CheckpointToolError(f"{f}: not a readable weights file ({reason(e)})"
                                   ) from None
     if not isinstance(state, dict):
         raise CheckpointToolError(f"{f}: holds a {type(state).__name__}, not a state dict")
@@ -273,12 +274,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointToolError(f"{path}: not valid JSON ({e})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    """torch's weights_only refusal explains itself over twenty lines; the first says what."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
 # ---- export ----------------------------------------------------------------------------------

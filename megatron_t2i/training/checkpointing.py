@@ -296,6 +296,43 @@ def check_vocab(folder: Path, meta: dict[str, Any], layout: VocabLayout, padded:
             f"this run expects {padded}")
 
 
+# What must agree between a checkpoint and the run that loads its weights: shapes (layers,
+# widths, heads, groups, vocabulary tables, tying) and the function (norm, activation,
+# positions, biases). A differing key is named with the override that makes the run match.
+ARCHITECTURE_KEYS = ("untie_embeddings_and_output_weights", "num_layers", "hidden_size",
+                     "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "normalization", "activation", "position_embedding_type", "rotary_base",
+                     "add_bias_linear")
+
+
+def _architecture(model: dict[str, Any]) -> dict[str, Any]:
+    from megatron_t2i.config import ModelConfig
+    from megatron_t2i.training.flops import resolved_ffn_hidden_size
+
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    mc = ModelConfig(**{k: v for k, v in model.items() if k in known})
+    out = {k: getattr(mc, k) for k in ARCHITECTURE_KEYS}
+    out["num_query_groups"] = mc.num_query_groups or mc.num_attention_heads
+    out["ffn_hidden_size"] = resolved_ffn_hidden_size(mc)
+    return out
+
+
+def check_architecture(folder: Path, meta: dict[str, Any], model_cfg: Any) -> None:
+    """Refuse, in one line naming each differing key and its fix, a checkpoint whose model is
+    not the one this run builds (e.g. a tied checkpoint given to an untied run)."""
+    import dataclasses
+
+    saved = _architecture(meta.get("config", {}).get("model", {}))
+    mine = _architecture(dataclasses.asdict(model_cfg))
+    diffs = [k for k in ARCHITECTURE_KEYS if saved[k] != mine[k]]
+    if diffs:
+        fix = " ".join(f"model.{k}={json.dumps(saved[k])}" for k in diffs)
+        raise CheckpointError(
+            f"checkpoint {folder} has another architecture than this run: "
+            + "; ".join(f"model.{k} is {json.dumps(saved[k])} there, {json.dumps(mine[k])} "
+                        f"here" for k in diffs) + f" (to load it, set {fix})")
+
+
 def _same_parallel_layout(saved: dict[str, int]) -> bool:
     now = parallel_layout()
     keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size",

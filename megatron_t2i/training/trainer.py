@@ -34,7 +34,7 @@ from megatron_t2i.model.gpt import build_model_chunks, params_dtype
 from megatron_t2i.platform import Platform, select_platform
 from megatron_t2i.training import checkpointing, faults
 from megatron_t2i.training.flops import flops_per_iteration
-from megatron_t2i.training.loss import masked_loss, reduce_reports
+from megatron_t2i.training.loss import masked_loss, present_losses, reduce_reports
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
 
 
@@ -193,6 +193,7 @@ class Trainer:
         folder = self._pretrained_folder()
         if folder is None:
             return
+        checkpointing.check_architecture(folder, checkpointing.read_meta(folder), self.cfg.model)
         checkpointing.load_model_weights(folder, self.chunks, self.data.layout,
                                          self.padded_vocab_size,
                                          verify=self.cfg.checkpoint.verify_checksums)
@@ -319,11 +320,7 @@ class Trainer:
             dist.broadcast(values, last, group=parallel_state.get_pipeline_model_parallel_group())
         keys = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
                 "loss_image_tokens")
-        out = dict(zip(keys, values.cpu().tolist()))
-        # a batch without image (or text) targets has no such loss: absent, not NaN, in
-        # metrics.jsonl, stdout, TensorBoard and W&B
-        return {k: v for k, v in out.items()
-                if k.endswith("_tokens") or out.get(f"{k}_tokens", 1) > 0}
+        return present_losses(dict(zip(keys, values.cpu().tolist())))
 
     # ---- logging and saving --------------------------------------------------------------
     def _log_train(self, report: dict[str, float], elapsed: float) -> None:
