@@ -350,14 +350,16 @@ class Trainer:
                 and parallel_state.get_data_parallel_rank() == 0)
 
     def _log_startup(self) -> None:
-        n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
-        counts = torch.tensor([n_params], dtype=torch.int64, device=self.platform.device())
-        dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+        # each element once whatever the TP / PP layout (a sum over the model-parallel group
+        # counts TP-replicated norms TP times and a tied output layer twice at PP > 1)
+        total = count_parameters(self.chunks, self.freeze,
+                                 parallel_state.get_model_parallel_group(),
+                                 self.platform.device())["total"]
         p = checkpointing.parallel_layout()
         self._print(f"platform {self.platform.device_type}/{self.platform.backend}, "
                     f"world {dist.get_world_size()} = TP {p['tensor_model_parallel_size']} x "
                     f"PP {p['pipeline_model_parallel_size']} x DP {p['data_parallel_size']}; "
-                    f"{int(counts.item()):,} parameters (with embeddings); vocabulary "
+                    f"{total:,} parameters (with embeddings); vocabulary "
                     f"{self.data.layout.size} ids padded to {self.padded_vocab_size}; "
                     f"{self.data.num_microbatches} microbatches per step")
         self._log_parameter_counts()
