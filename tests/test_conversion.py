@@ -146,6 +146,30 @@ def test_wrong_shape_and_extra_tensors_refused(plain, tmp_path):
         HFSource(tmp_path / "b")
 
 
+def test_openlm_pad_id_outside_the_vocabulary_refused(tmp_path):
+    from megatron_t2i.checkpoint.openlm import OpenLMSource
+
+    h, f = 32, 48
+    state = {"tok_embeddings.weight": torch.zeros(VOCAB, h), "norm.weight": torch.ones(h),
+             "output.weight": torch.zeros(VOCAB, h),
+             "layers.0.attention.in_proj.weight": torch.zeros(3 * h, h),
+             "layers.0.attention.out_proj.weight": torch.zeros(h, h),
+             "layers.0.feed_forward.w12.weight": torch.zeros(2 * f, h),
+             "layers.0.feed_forward.w3.weight": torch.zeros(h, f),
+             "layers.0.attention_norm.weight": torch.ones(h),
+             "layers.0.ffn_norm.weight": torch.ones(h)}
+    torch.save({"state_dict": state}, tmp_path / "m.pt")
+    src = OpenLMSource(tmp_path / "m.pt", {"n_heads": 4}, pad_id=VOCAB)
+    with pytest.raises(CheckpointToolError, match=r"the pad id 100 is outside the vocabulary"):
+        import_checkpoint(src, tmp_path / "out")
+    state["layers.0.feed_forward.w3.weight"] = torch.zeros(h, f - 1)
+    torch.save({"state_dict": state}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointToolError, match=r"down of layer 0 is \[32, 47\], the "
+                                                  r"architecture implies \[32, 48\]"):
+        import_checkpoint(OpenLMSource(tmp_path / "m.pt", {"n_heads": 4}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- export is the inverse of import ----------------------------------------------------------
 
 @pytest.mark.parametrize("tied,pad", [(True, None), (False, 3)])

@@ -103,6 +103,15 @@ def source_shapes(spec: ModelSpec) -> dict[tuple[str, int | None], tuple[int, ..
     return out
 
 
+def check_special_ids(spec: ModelSpec, where: str) -> None:
+    """bos, eos and pad inside the source's vocabulary: a pad id past it would, after
+    surgery, be an image code."""
+    for name, value in (("bos", spec.bos_id), ("eos", spec.eod_id), ("pad", spec.pad_id)):
+        if value is not None and not 0 <= value < spec.vocab_size:
+            raise CheckpointToolError(f"{where}: the {name} id {value} is outside the "
+                                      f"vocabulary [0, {spec.vocab_size})")
+
+
 def check_source_shapes(src: Source) -> None:
     """Every tensor the import will read has the shape the architecture implies: refused in
     one line naming the tensor before anything is written (a wrong shape would otherwise fail
@@ -231,6 +240,7 @@ def import_checkpoint(src: Source, output: str | Path, tensor_parallel: int = 1,
     """Write `output` (a checkpoint root, iteration 0) from a pretrained LM."""
     spec = src.spec
     spec.check_parallel(tensor_parallel, pipeline_parallel, str(src.path))
+    check_special_ids(spec, str(src.path))
     check_source_shapes(src)
     layout = text_layout(spec)
     padded = layout.padded_size(divisible_by, tensor_parallel)
