@@ -276,6 +276,10 @@ def test_flipped_byte_refused_on_every_load_path(imported, tmp_path):
                  lambda: checkpointing.load_checkpoint(folder, [], None, None, None, 128)):
         with pytest.raises(checkpointing.CheckpointError, match=message):  # trainer and eval
             load()
+    from megatron_t2i.eval.loading import load_for_eval
+
+    with pytest.raises(checkpointing.CheckpointError, match=message):  # before any process
+        load_for_eval(root)  # group or model exists (evaluation, generation)
     CheckpointReader(root, verify=False)  # hashing skipped: sizes only
 
 
