@@ -248,8 +248,8 @@ class CheckpointReader:
         try:
             return torch.load(self.folder / COMMON_FILE, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointToolError(f"{self.folder / COMMON_FILE}: cannot be read ({e})"
-                                      ) from None
+            raise CheckpointToolError(f"{self.folder / COMMON_FILE}: cannot be read "
+                                      f"({reason(e)})") from None
 
     # ---- reading ---------------------------------------------------------------------------
     def read(self, key: str, chunk: Chunk | None = None) -> torch.Tensor:
