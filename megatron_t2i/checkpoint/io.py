@@ -161,15 +161,14 @@ def iteration_folder(path: str | Path) -> Path:
                               f"iter_NNNNNNN folder) nor a `latest` file (a checkpoint root)")
 
 
-def check_shards(folder: Path, metadata: Any = None) -> None:
+def check_shards(folder: Path) -> None:
     """Every data file the DCP metadata points into must exist and be long enough (for a
     checkpoint without a manifest; a manifest records exact sizes and hashes)."""
-    if metadata is None:
-        try:
-            metadata = FileSystemReader(str(folder)).read_metadata()
-        except Exception as e:  # a truncated or foreign .metadata file
-            raise CheckpointToolError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
-                                      f"metadata file ({e})") from None
+    try:  # the project's safe .metadata reader (issue 12) belongs here at merge
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # a truncated or foreign .metadata file
+        raise CheckpointToolError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
+                                  f"metadata file ({reason(e)})") from None
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0),
