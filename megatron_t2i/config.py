@@ -158,6 +158,9 @@ class CheckpointConfig:
     # model is read; optimizer, schedule and data position start afresh.
     pretrained: Optional[str] = None
     save_optimizer: bool = True
+    # Hash every file against the checkpoint's manifest.json before loading (sizes are always
+    # checked); false skips the hashing for very large checkpoints on trusted storage.
+    verify_checksums: bool = True
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ from conftest import REPO, read_metrics, run_train, train_env
 from megatron_t2i.checkpoint.convert import import_checkpoint
 from megatron_t2i.checkpoint.hf import HFSource, export_hf
 from megatron_t2i.checkpoint.inspect import describe, format_report
+from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.checkpoint.io import (
     CheckpointReader,
     CheckpointToolError,
@@ -113,6 +114,14 @@ def work(tmp_path_factory):
                                    norm="rms_norm", bos_id=1, eod_id=2, pad_id=3),
                       d / "openlm", tensor_parallel=2, divisible_by=32)
     export_hf(d / "imp2", d / "exported")
+    # Mistral without a sliding window is a Llama: imported exactly
+    torch.manual_seed(2)
+    w["mistral"] = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+        sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=None)).eval()
+    w["mistral"].save_pretrained(d / "hf_mistral")
+    import_checkpoint(HFSource(d / "hf_mistral"), d / "mistral", divisible_by=32)
 
     TEXT.save(d / "text_layout.json")
     _torchrun("make", str(d / "text_layout.json"), f"{d / 'src2'}:2,{d / 'src1'}:1", *MODEL)
@@ -129,7 +138,8 @@ def work(tmp_path_factory):
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     torch.save(ids, d / "ids.pt")
     w["ids"] = ids
-    jobs = ["imp1:1", "imp2:2", "openlm:1", "src2:2", "r21:1", "src1:1", "r12:2", "r24:2"]
+    jobs = ["imp1:1", "imp2:2", "openlm:1", "mistral:1", "src2:2", "r21:1", "src1:1", "r12:2",
+            "r24:2"]
     _torchrun("logits", str(d / "logits.pt"), str(d / "ids.pt"), *[f"{d / j}" for j in jobs])
     w["logits"] = {Path(k).name: v for k, v in torch.load(d / "logits.pt").items()}
     return w
@@ -150,6 +160,14 @@ def test_openlm_import_gives_same_logits(work):
     with torch.no_grad():
         ref = work["mha"](work["ids"]).logits
     torch.testing.assert_close(work["logits"]["openlm:1"][..., :100], ref, atol=1e-5, rtol=0)
+
+
+def test_mistral_without_window_gives_hf_logits(work):
+    with torch.no_grad():
+        ref = work["mistral"](work["ids"]).logits
+    ours = work["logits"]["mistral:1"]
+    assert ours.shape[-1] == 128  # 100 ids + <pad> (the config has no pad id), padded
+    torch.testing.assert_close(ours[..., :100], ref, atol=1e-5, rtol=0)
 
 
 def test_hf_export_round_trips(work):
@@ -234,6 +252,19 @@ def test_surgery_result_trains(work, corpus_dir, tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [r["iteration"] for r in records] == [2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss_image_tokens"] > 0 for r in records)
+
+
+def test_pretrained_of_another_tying_refused_in_one_line(work, corpus_dir, tmp_path):
+    """An untied checkpoint given to a tied run: one line naming the key and the fix (it
+    used to run and silently drop the trained output layer; the reverse was a KeyError)."""
+    proc = run_train(tmp_path / "run", corpus_dir, check=False,
+                     overrides=[f"checkpoint.pretrained={work['dir'] / 'r21'}",
+                                "model.untie_embeddings_and_output_weights=false"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and "Traceback" not in proc.stderr
+    assert "model.untie_embeddings_and_output_weights is true there, false here" in last
+    assert "(to load it, set model.untie_embeddings_and_output_weights=true)" in last
 
 
 def test_surgery_streams_the_sources_chunks(work):
@@ -332,7 +363,8 @@ def _copy(work, tmp_path, name="r21") -> Path:
 def test_missing_shard(work, tmp_path):
     folder = _copy(work, tmp_path)
     next(folder.glob("*.distcp")).unlink()
-    with pytest.raises(CheckpointToolError, match=r"shard file __.*\.distcp is missing"):
+    with pytest.raises(CheckpointToolError, match=r"__.*\.distcp: missing \(listed in "
+                                                  r".*manifest.json\)"):
         resize_vocab(folder, tmp_path / "out", IMAGE)
 
 
@@ -341,6 +373,7 @@ def test_layout_mismatch(work, tmp_path):
     meta = json.loads((folder / "meta.json").read_text())
     meta["padded_vocab_size"] = 512
     (folder / "meta.json").write_text(json.dumps(meta))
+    write_manifest(folder)  # as if saved so: the manifest alone would refuse an edited file
     with pytest.raises(CheckpointToolError, match="layout mismatch: meta.json says 512"):
         resize_vocab(folder, tmp_path / "out", IMAGE)
 

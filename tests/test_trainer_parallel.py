@@ -7,6 +7,7 @@ order.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -34,8 +35,12 @@ def reference(tmp_path_factory, corpus_dir):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tmp_path, corpus_dir):
     nproc, overrides = LAYOUTS[name]
-    run_train(tmp_path, corpus_dir, nproc=nproc, overrides=overrides)
+    proc = run_train(tmp_path, corpus_dir, nproc=nproc, overrides=overrides)
     got = read_metrics(tmp_path)
+    # the startup line counts each parameter once whatever the layout (TP-replicated norms
+    # and a tied output layer at PP > 1 were counted again)
+    total = json.loads((tmp_path / "parameters.json").read_text())["total"]
+    assert f"; {total:,} parameters (with embeddings)" in proc.stdout
     assert [r["iteration"] for r in got] == [1, 2, 3]
     for key in ("loss", "loss_text", "loss_image"):
         assert got[0][key] == pytest.approx(reference[0][key], rel=1e-5), key

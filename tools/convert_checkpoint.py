@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_t2i.checkpoint.convert import import_checkpoint
     from megatron_t2i.checkpoint.hf import HFSource, export_hf
-    from megatron_t2i.checkpoint.io import CheckpointToolError
+    from megatron_t2i.checkpoint.io import TOOL_INPUT_ERRORS, tool_error
     from megatron_t2i.checkpoint.openlm import OpenLMSource
 
     try:
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             stats = import_checkpoint(src, args.output, args.tp, args.pp,
                                       args.make_vocab_size_divisible_by, DTYPES[args.dtype],
                                       args.overwrite)
-    except CheckpointToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except TOOL_INPUT_ERRORS as err:
+        return tool_error(err, args.source if args.command != 'export-hf' else args.checkpoint)
     print(f"{args.command}: wrote {args.output}: {stats.summary()}")
     if "layout" in stats.extra:
         print(f"vocabulary: {stats.extra['layout'].size} ids padded to "

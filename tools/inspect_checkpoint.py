@@ -18,13 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from megatron_t2i.checkpoint.inspect import describe, format_report
-    from megatron_t2i.checkpoint.io import CheckpointToolError
+    from megatron_t2i.checkpoint.io import TOOL_INPUT_ERRORS, tool_error
 
     try:
         info = describe(args.checkpoint)
-    except CheckpointToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except TOOL_INPUT_ERRORS as err:
+        return tool_error(err, args.checkpoint)
     print(json.dumps(info, indent=2) if args.json
           else format_report(info, show_optimizer=not args.no_optimizer))
     return 0

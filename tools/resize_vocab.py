@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
-    from megatron_t2i.checkpoint.io import CheckpointToolError
+    from megatron_t2i.checkpoint.io import TOOL_INPUT_ERRORS, tool_error
     from megatron_t2i.checkpoint.surgery import resize_vocab
 
     try:
@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             [s for s in args.specials.split(",") if s], args.tp,
             args.make_vocab_size_divisible_by, args.padded_vocab_size, args.init,
             args.init_file, args.init_std, args.seed, args.keep_optimizer, args.overwrite)
-    except CheckpointToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except TOOL_INPUT_ERRORS as err:
+        return tool_error(err, args.source)
     layout = stats.extra["layout"]
     print(f"resize_vocab: wrote {args.output}: {stats.summary()}")
     print(f"vocabulary: {layout.size} ids ({layout.text_size} text, {layout.image_size} image, "

@@ -89,6 +89,48 @@ class Source(Protocol):
     def get(self, name: str, layer: int | None = None) -> torch.Tensor | None: ...
 
 
+def source_shapes(spec: ModelSpec) -> dict[tuple[str, int | None], tuple[int, ...]]:
+    """The shape of every source tensor (`Source.get`'s names) the architecture implies."""
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.head_dim
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    out: dict[tuple[str, int | None], tuple[int, ...]] = {
+        ("embed", None): (spec.vocab_size, h), ("final_norm", None): (h,),
+        ("lm_head", None): (spec.vocab_size, h)}
+    per_layer = {"attn_norm": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
+                 "mlp_norm": (h,), "gate": (f, h), "up": (f, h), "down": (h, f)}
+    for layer in range(spec.num_layers):
+        out.update({(name, layer): shape for name, shape in per_layer.items()})
+    return out
+
+
+def check_special_ids(spec: ModelSpec, where: str) -> None:
+    """bos, eos and pad inside the source's vocabulary: a pad id past it would, after
+    surgery, be an image code."""
+    for name, value in (("bos", spec.bos_id), ("eos", spec.eod_id), ("pad", spec.pad_id)):
+        if value is not None and not 0 <= value < spec.vocab_size:
+            raise CheckpointToolError(f"{where}: the {name} id {value} is outside the "
+                                      f"vocabulary [0, {spec.vocab_size})")
+
+
+def check_source_shapes(src: Source) -> None:
+    """Every tensor the import will read has the shape the architecture implies: refused in
+    one line naming the tensor before anything is written (a wrong shape would otherwise fail
+    deep inside a reshape, or, for the vocabulary tables, import silently)."""
+    bias_shape = (src.spec.hidden_size,)
+    for (name, layer), shape in source_shapes(src.spec).items():
+        # a header-only shape where the source has one (safetensors), else the tensor's
+        got = src.shape(name, layer) if hasattr(src, "shape") else tuple(src.get(name,
+                                                                                 layer).shape)
+        where = name if layer is None else f"{name} of layer {layer}"
+        if tuple(got) != shape:
+            raise CheckpointToolError(f"{src.path}: {where} is {list(got)}, the "
+                                      f"architecture implies {list(shape)}")
+        bias = src.get(name + "_bias", layer) if name.endswith("norm") else None
+        if bias is not None and tuple(bias.shape) != bias_shape:
+            raise CheckpointToolError(f"{src.path}: {where} bias is {list(bias.shape)}, the "
+                                      f"architecture implies {list(bias_shape)}")
+
+
 # ---- packing ---------------------------------------------------------------------------------
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -198,6 +240,8 @@ def import_checkpoint(src: Source, output: str | Path, tensor_parallel: int = 1,
     """Write `output` (a checkpoint root, iteration 0) from a pretrained LM."""
     spec = src.spec
     spec.check_parallel(tensor_parallel, pipeline_parallel, str(src.path))
+    check_special_ids(spec, str(src.path))
+    check_source_shapes(src)
     layout = text_layout(spec)
     padded = layout.padded_size(divisible_by, tensor_parallel)
     cfg = trainer_config(spec, tensor_parallel, pipeline_parallel, divisible_by)
@@ -208,7 +252,9 @@ def import_checkpoint(src: Source, output: str | Path, tensor_parallel: int = 1,
             # no per-rank state (RNG, optimizer) was saved under any parallel layout
             "parallel": {}, "has_optimizer": False,
             "imported_from": {"format": src.format, "path": str(src.path),
-                              "spec": dataclasses.asdict(spec)}}
+                              "spec": dataclasses.asdict(spec),
+                              # export restores the source's own special ids from it
+                              "special_ids": source_special_ids(src)}}
     common = {"iteration": 0, "consumed_samples": 0, "content_metadata": dict(OPTIM_METADATA)}
     entries = trainer_entries(spec, padded, dtype)
     with staged_output(output, overwrite, sources=(src.path,)) as tmp:
@@ -218,6 +264,16 @@ def import_checkpoint(src: Source, output: str | Path, tensor_parallel: int = 1,
         write_latest(tmp, 0)
     stats.extra.update(padded_vocab_size=padded, layout=layout)
     return stats
+
+
+def source_special_ids(src: Source) -> dict[str, Any]:
+    """The special ids as the source spelled them (a list of eos ids, a null pad)."""
+    config = getattr(src, "config", None)
+    if isinstance(config, dict):
+        return {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    spec = src.spec
+    return {"bos_token_id": spec.bos_id, "eos_token_id": spec.eod_id,
+            "pad_token_id": spec.pad_id}
 
 
 def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:

@@ -22,7 +22,9 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +54,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint, write_manifest
+
 META_FILE = "meta.json"
 COMMON_FILE = "common.pt"
 DCP_METADATA_FILE = ".metadata"
@@ -65,6 +69,33 @@ LAYERS_KEY = "decoder.layers."  # keys holding it stack every layer on a leading
 
 class CheckpointToolError(ValueError):
     """Input a checkpoint tool cannot use; the message names the file and what is wrong."""
+
+
+# What bad input makes the tools' libraries raise (torch.load, safetensors, json, DCP): each
+# is reported as one `error: FILE: what is wrong` line, exit 1 (tool_error).
+TOOL_INPUT_ERRORS = (CheckpointToolError, OSError, ValueError, RuntimeError, KeyError,
+                     EOFError, pickle.UnpicklingError)
+
+
+def reason(err: BaseException) -> str:
+    """One line saying why a library refused a file. torch's weights_only refusal spends its
+    first paragraph on advice (load with weights_only=False: exactly what must not be done
+    with an untrusted file); the line that says what it found comes after."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        return f"refused by torch.load(weights_only=True): {lines[1]}"
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def tool_error(err: BaseException, source: str) -> int:
+    """Print `err` as the one line a command-line tool reports; returns the exit status 1.
+    A CheckpointToolError names its file already; anything else is prefixed with `source`."""
+    if isinstance(err, CheckpointToolError):
+        text = " ".join(str(err).split())  # a message quoting DCP may span several lines
+    else:
+        text = f"{source}: {reason(err)}"
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return 1
 
 
 class Chunk(NamedTuple):
@@ -130,10 +161,52 @@ def iteration_folder(path: str | Path) -> Path:
                               f"iter_NNNNNNN folder) nor a `latest` file (a checkpoint root)")
 
 
+def read_safe_metadata(folder: Path):
+    """The folder's DCP `.metadata` through the allowlist unpickler (checkpoint/trust.py)."""
+    from megatron_t2i.checkpoint.trust import read_dcp_metadata
+
+    try:
+        return read_dcp_metadata(folder / DCP_METADATA_FILE)
+    except CheckpointToolError:
+        raise
+    except Exception as e:  # a truncated or foreign .metadata file
+        raise CheckpointToolError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
+                                  f"metadata file ({reason(e)})") from None
+
+
+def check_shards(folder: Path) -> None:
+    """Every data file the DCP metadata points into must exist and be long enough (for a
+    checkpoint without a manifest; a manifest records exact sizes and hashes)."""
+    metadata = read_safe_metadata(folder)
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointToolError(f"{folder}: shard file {name} is missing "
+                                      f"(listed in {DCP_METADATA_FILE})")
+        if path.stat().st_size < size:
+            raise CheckpointToolError(f"{path}: truncated ({path.stat().st_size} bytes, "
+                                      f"the metadata needs {size})")
+
+
+def check_files(folder: Path, verify: bool = True) -> None:
+    """The file check of every load path: the manifest's sizes and checksums (integrity.py),
+    or for an older checkpoint without one, the shard sizes its DCP metadata needs."""
+    try:
+        verified = verify_checkpoint(folder, verify)
+    except ChecksumError as e:
+        raise CheckpointToolError(str(e)) from None
+    if not verified:
+        check_shards(folder)
+
+
 class CheckpointReader:
     """One trainer checkpoint, checked to be complete, read a tensor at a time."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.folder = iteration_folder(path)
         for name in (META_FILE, BACKEND_FILE, DCP_METADATA_FILE, COMMON_FILE):
             if not (self.folder / name).is_file():
@@ -147,30 +220,15 @@ class CheckpointReader:
         if backend.get("sharded_backend") != "torch_dist":
             raise CheckpointToolError(f"{self.folder / BACKEND_FILE}: sharded backend "
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
+        check_files(self.folder, verify)  # sizes and checksums before a byte is parsed
         # the metadata through the allowlist, then every other pickle: nothing in the folder
         # runs code, and what read_object_bytes hands on to be copied has been validated
-        from megatron_t2i.checkpoint.trust import check_before_load, read_dcp_metadata
+        from megatron_t2i.checkpoint.trust import check_before_load
 
-        self._metadata = read_dcp_metadata(self.folder / DCP_METADATA_FILE)
-        self._check_shards()
+        self._metadata = read_safe_metadata(self.folder)
         check_before_load(self.folder)
         self._storage = FileSystemReader(str(self.folder))
         self._storage.set_up_storage_reader(self._metadata, is_coordinator=True)
-
-    def _check_shards(self) -> None:
-        """Every data file the metadata points into must exist and be long enough."""
-        needed: dict[str, int] = {}
-        for info in self._metadata.storage_data.values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                             info.offset + info.length)
-        for name, size in sorted(needed.items()):
-            path = self.folder / name
-            if not path.is_file():
-                raise CheckpointToolError(f"{self.folder}: shard file {name} is missing "
-                                          f"(listed in {DCP_METADATA_FILE})")
-            if path.stat().st_size < size:
-                raise CheckpointToolError(f"{path}: truncated ({path.stat().st_size} bytes, "
-                                          f"the metadata needs {size})")
 
     # ---- what is there ---------------------------------------------------------------------
     def tensor_keys(self) -> list[str]:
@@ -197,7 +255,13 @@ class CheckpointReader:
     def common(self) -> dict[str, Any]:
         from megatron_t2i.checkpoint.trust import load_object
 
-        return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
+        try:
+            return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
+        except CheckpointToolError:
+            raise
+        except Exception as e:
+            raise CheckpointToolError(f"{self.folder / COMMON_FILE}: cannot be read "
+                                      f"({reason(e)})") from None
 
     # ---- reading ---------------------------------------------------------------------------
     def read(self, key: str, chunk: Chunk | None = None) -> torch.Tensor:
@@ -439,6 +503,7 @@ def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer 
     torch.save(common, folder / COMMON_FILE)
     (folder / BACKEND_FILE).write_text(json.dumps(BACKEND))
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_manifest(folder)
     _sync_folder(folder)
     stats.bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     stats.seconds = time.perf_counter() - start

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from megatron_t2i.checkpoint.convert import ModelSpec
-from megatron_t2i.checkpoint.io import CheckpointToolError
+from megatron_t2i.checkpoint.io import CheckpointToolError, reason
 
 _PER_LAYER = {"attn_norm": "attention_norm.weight", "attn_norm_bias": "attention_norm.bias",
               "o": "attention.out_proj.weight", "mlp_norm": "ffn_norm.weight",
@@ -107,7 +107,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointToolError(f"{path}: cannot be loaded with weights_only=True ({e})"
+        raise CheckpointToolError(f"{path}: not a readable OpenLM checkpoint ({reason(e)})"
                                   ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(str(k).endswith("tok_embeddings.weight")

@@ -42,6 +42,7 @@ from megatron_t2i.checkpoint.io import (
     Chunk,
     TensorSpec,
     WriteStats,
+    reason,
     staged_output,
     write_checkpoint,
     write_latest,
@@ -167,15 +168,16 @@ def load_init_file(path: Path, n_new_image: int, hidden: int, untied: bool
     """Rows for the new image codes: `word_embeddings` (required), `output_layer` (optional)."""
     if not path.is_file():
         raise CheckpointToolError(f"--init-file {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
-    else:
-        try:
+            tensors = load_file(str(path))
+        else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointToolError(f"{path}: not a safetensors or torch file ({e})") from None
+    except Exception as e:
+        raise CheckpointToolError(f"{path}: not a readable safetensors or torch file "
+                                  f"({reason(e)})") from None
     if not isinstance(tensors, dict) or "word_embeddings" not in tensors:
         raise CheckpointToolError(f"{path}: expected a tensor named 'word_embeddings' "
                                   f"[{n_new_image}, {hidden}] (and optionally 'output_layer')")

@@ -63,6 +63,7 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     checkpoint's model weights into them, resharded. Returns (config, chunks in eval mode,
     vocabulary layout, padded vocabulary size)."""
     folder = checkpointing.resolve_checkpoint_folder(Path(checkpoint_path))
+    checkpointing.check_files(folder)  # checksums, before any process group or model exists
     meta = checkpointing.read_meta(folder)
     checkpointing.check_engine(folder, meta, "megatron")
     cfg = eval_config(meta, tp, pp, device)
@@ -77,7 +78,7 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     chunks = build_model_chunks(cfg, padded, platform.is_cuda)
-    checkpointing.load_model_weights(folder, chunks, layout, padded)
+    checkpointing.load_model_weights(folder, chunks, layout, padded, verify=False)  # hashed
     for chunk in chunks:
         chunk.eval()
     return cfg, chunks, layout, padded

@@ -36,6 +36,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.checkpoint.io import CheckpointToolError
 from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.training.writer_guard import writers_die_with_rank
@@ -186,6 +187,7 @@ def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
         full_meta = dict(meta, iteration=state.iteration,
                          consumed_samples=state.consumed_samples, parallel=parallel_layout())
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
+        write_manifest(tmp)  # sizes and checksums of every file, verified on load
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -247,8 +249,9 @@ def write_latest(root: Path, iteration: int) -> None:
 
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
                     layout: VocabLayout, padded_vocab_size: int, load_optimizer: bool = True,
-                    ) -> tuple[TrainState, dict[str, Any]]:
+                    verify: bool = True) -> tuple[TrainState, dict[str, Any]]:
     """Load model (resharded as needed), optimizer, scheduler, RNG and the train state."""
+    check_files(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
@@ -282,8 +285,9 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
 
 
 def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: VocabLayout,
-                       padded_vocab_size: int) -> None:
+                       padded_vocab_size: int, verify: bool = True) -> None:
     """Only the model tensors (resharded to this run's TP/PP), e.g. a pretrained init."""
+    check_files(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
@@ -291,6 +295,29 @@ def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: Voca
     with torch.no_grad():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
     _apply_model(chunks, loaded)
+
+
+def check_files(folder: Path, verify: bool = True) -> None:
+    """The shard check every load path makes before reading: the manifest's sizes and
+    checksums (a flipped byte is refused naming the file), or the sizes the DCP metadata needs
+    for a checkpoint saved before manifests. `verify=False` skips only the hashing."""
+    from megatron_t2i.checkpoint.io import CheckpointToolError
+    from megatron_t2i.checkpoint.io import check_files as check_checkpoint_files
+
+    try:
+        check_checkpoint_files(folder, verify)
+    except CheckpointToolError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def verify_manifest(folder: Path, verify: bool = True) -> None:
+    """The manifest check alone (a DeepSpeed checkpoint has no DCP metadata to size-check)."""
+    from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint
+
+    try:
+        verify_checkpoint(folder, verify)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
@@ -318,6 +345,43 @@ def check_vocab(folder: Path, meta: dict[str, Any], layout: VocabLayout, padded:
         raise CheckpointError(
             f"checkpoint {folder} has a padded vocabulary of {meta['padded_vocab_size']} rows, "
             f"this run expects {padded}")
+
+
+# What must agree between a checkpoint and the run that loads its weights: shapes (layers,
+# widths, heads, groups, vocabulary tables, tying) and the function (norm, activation,
+# positions, biases). A differing key is named with the override that makes the run match.
+ARCHITECTURE_KEYS = ("untie_embeddings_and_output_weights", "num_layers", "hidden_size",
+                     "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "normalization", "activation", "position_embedding_type", "rotary_base",
+                     "add_bias_linear")
+
+
+def _architecture(model: dict[str, Any]) -> dict[str, Any]:
+    from megatron_t2i.config import ModelConfig
+    from megatron_t2i.training.flops import resolved_ffn_hidden_size
+
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    mc = ModelConfig(**{k: v for k, v in model.items() if k in known})
+    out = {k: getattr(mc, k) for k in ARCHITECTURE_KEYS}
+    out["num_query_groups"] = mc.num_query_groups or mc.num_attention_heads
+    out["ffn_hidden_size"] = resolved_ffn_hidden_size(mc)
+    return out
+
+
+def check_architecture(folder: Path, meta: dict[str, Any], model_cfg: Any) -> None:
+    """Refuse, in one line naming each differing key and its fix, a checkpoint whose model is
+    not the one this run builds (e.g. a tied checkpoint given to an untied run)."""
+    import dataclasses
+
+    saved = _architecture(meta.get("config", {}).get("model", {}))
+    mine = _architecture(dataclasses.asdict(model_cfg))
+    diffs = [k for k in ARCHITECTURE_KEYS if saved[k] != mine[k]]
+    if diffs:
+        fix = " ".join(f"model.{k}={json.dumps(saved[k])}" for k in diffs)
+        raise CheckpointError(
+            f"checkpoint {folder} has another architecture than this run: "
+            + "; ".join(f"model.{k} is {json.dumps(saved[k])} there, {json.dumps(mine[k])} "
+                        f"here" for k in diffs) + f" (to load it, set {fix})")
 
 
 def _same_parallel_layout(saved: dict[str, int]) -> bool:

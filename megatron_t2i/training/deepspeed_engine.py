@@ -74,6 +74,7 @@ class DeepSpeedTrainer(Trainer):
         folder = self._resume_folder()
         if folder is None:
             return
+        checkpointing.verify_manifest(folder, self.cfg.checkpoint.verify_checksums)
         meta = checkpointing.read_meta(folder)
         checkpointing.check_engine(folder, meta, ENGINE)
         checkpointing.check_vocab(folder, meta, self.data.layout, self.padded_vocab_size)

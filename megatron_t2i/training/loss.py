@@ -49,3 +49,11 @@ def reduce_reports(reports: list[dict], group: dist.ProcessGroup | None) -> dict
         out[key] = total / count if count > 0 else float("nan")
         out[f"{key}_tokens"] = count
     return out
+
+
+def present_losses(report: dict[str, float]) -> dict[str, float]:
+    """The report without the losses no token was counted for: a batch without image (or
+    text) targets has no such loss, so it is absent from metrics.jsonl, stdout, TensorBoard
+    and W&B rather than logged as NaN. The token counts stay."""
+    return {k: v for k, v in report.items()
+            if k.endswith("_tokens") or report.get(f"{k}_tokens", 1) > 0}

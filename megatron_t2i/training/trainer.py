@@ -34,7 +34,7 @@ from megatron_t2i.model.gpt import build_model_chunks, params_dtype
 from megatron_t2i.platform import Platform, select_platform
 from megatron_t2i.training import checkpointing, faults
 from megatron_t2i.training.flops import flops_per_iteration
-from megatron_t2i.training.loss import masked_loss, reduce_reports
+from megatron_t2i.training.loss import masked_loss, present_losses, reduce_reports
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
 
 
@@ -183,7 +183,7 @@ class Trainer:
             return
         state, _ = checkpointing.load_checkpoint(
             folder, self.chunks, self.optimizer, self.scheduler, self.data.layout,
-            self.padded_vocab_size)
+            self.padded_vocab_size, verify=self.cfg.checkpoint.verify_checksums)
         self.iteration, self.consumed_samples = state.iteration, state.consumed_samples
         self.data.set_consumed_samples(self.consumed_samples)
         self._print(f"resumed from {folder} at iteration {self.iteration} "
@@ -193,8 +193,10 @@ class Trainer:
         folder = self._pretrained_folder()
         if folder is None:
             return
+        checkpointing.check_architecture(folder, checkpointing.read_meta(folder), self.cfg.model)
         checkpointing.load_model_weights(folder, self.chunks, self.data.layout,
-                                         self.padded_vocab_size)
+                                         self.padded_vocab_size,
+                                         verify=self.cfg.checkpoint.verify_checksums)
         self._print(f"initialised the model from {folder}")
 
     # ---- the loop ------------------------------------------------------------------------
@@ -341,7 +343,7 @@ class Trainer:
             dist.broadcast(values, last, group=parallel_state.get_pipeline_model_parallel_group())
         keys = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
                 "loss_image_tokens")
-        return dict(zip(keys, values.cpu().tolist()))
+        return present_losses(dict(zip(keys, values.cpu().tolist())))
 
     # ---- logging and saving --------------------------------------------------------------
     def _log_train(self, report: dict[str, float], elapsed: float) -> None:
@@ -371,14 +373,16 @@ class Trainer:
                 and parallel_state.get_data_parallel_rank() == 0)
 
     def _log_startup(self) -> None:
-        n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
-        counts = torch.tensor([n_params], dtype=torch.int64, device=self.platform.device())
-        dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+        # each element once whatever the TP / PP layout (a sum over the model-parallel group
+        # counts TP-replicated norms TP times and a tied output layer twice at PP > 1)
+        total = count_parameters(self.chunks, self.freeze,
+                                 parallel_state.get_model_parallel_group(),
+                                 self.platform.device())["total"]
         p = checkpointing.parallel_layout()
         self._print(f"platform {self.platform.device_type}/{self.platform.backend}, "
                     f"world {dist.get_world_size()} = TP {p['tensor_model_parallel_size']} x "
                     f"PP {p['pipeline_model_parallel_size']} x DP {p['data_parallel_size']}; "
-                    f"{int(counts.item()):,} parameters (with embeddings); vocabulary "
+                    f"{total:,} parameters (with embeddings); vocabulary "
                     f"{self.data.layout.size} ids padded to {self.padded_vocab_size}; "
                     f"{self.data.num_microbatches} microbatches per step")
         self._log_parameter_counts()
