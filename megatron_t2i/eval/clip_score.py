@@ -29,8 +29,11 @@ def load_clip(folder: str | Path) -> tuple[Any, Any]:
         raise FileNotFoundError(f"CLIP model {folder}: not a folder with a config.json (give a "
                                 f"local transformers CLIP checkpoint, e.g. a saved "
                                 f"openai/clip-vit-large-patch14)")
-    model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    try:  # safetensors only: a pickled pytorch_model.bin could run code on load
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except OSError as e:  # transformers' "no file named ..." for an incomplete folder
+        raise ValueError(f"CLIP model {folder}: {str(e).splitlines()[0]}") from e
     return model.eval(), processor
 
 
