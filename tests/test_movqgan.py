@@ -203,9 +203,14 @@ def _random_official_state(cfg: MoVQConfig, seed: int) -> dict[str, torch.Tensor
 # The three published configurations at 32 x 32 pixels (4 x 4 codes): the topology and the
 # weights are the official ones (attention wherever the 32 x 32-code level attends at 256 px,
 # since `resolution` only decides which level attends), the convolutions run on fewer
-# pixels (1/64 of the work). 270M: ~1.1 GB per copy of the weights.
-@pytest.mark.parametrize("name", ["67M", "102M", "270M"])
-def test_diffusers_network_matches_official_modules(name):
+# pixels (1/64 of the work). 270M: ~1.1 GB per copy of the weights. The published geometry
+# (256 x 256 pixels, 32 x 32 codes) runs under the slow marker.
+@pytest.mark.parametrize("name, pixels", [
+    ("67M", 32), ("102M", 32), ("270M", 32),
+    pytest.param("67M", 256, marks=pytest.mark.slow),
+    pytest.param("270M", 256, marks=pytest.mark.slow),
+])
+def test_diffusers_network_matches_official_modules(name, pixels):
     """One random state dict in the official layout, loaded strictly into the reference
     written from the official modules and, through the key map, into diffusers' VQModel:
     the same codes and the same decoded pixels."""
@@ -216,7 +221,7 @@ def test_diffusers_network_matches_official_modules(name):
     with torch.device("meta"):
         reference, vqmodel = OfficialMoVQ(cfg), build_vqmodel(cfg)
     reference.load_state_dict(state, strict=True, assign=True)
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = torch.rand(2, 3, pixels, pixels, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.inference_mode():
         # Random deep residual stacks scale the latents far from a N(0, 1) codebook (every
         # latent then picks one of a few extreme rows): draw the codebook at their scale.
@@ -228,7 +233,20 @@ def test_diffusers_network_matches_official_modules(name):
         codes = reference.encode_codes(x)
         assert len(codes.unique()) > 8  # a real test of the lookup, not one code everywhere
         _, _, (_, _, theirs) = vqmodel.quantize(vqmodel.encode(x).latents)  # diffusers' argmin
-        assert torch.equal(theirs.reshape(codes.shape), codes)
-        assert torch.equal(encode_codes(vqmodel, x), codes)  # the tokenizer's path
+        _assert_same_or_tied(z, table, codes, theirs.reshape(codes.shape))
+        _assert_same_or_tied(z, table, codes, encode_codes(vqmodel, x))  # the tokenizer's path
         torch.testing.assert_close(decode_codes(vqmodel, codes), reference.decode_codes(codes),
                                    rtol=1e-4, atol=1e-4)
+
+
+def _assert_same_or_tied(z: torch.Tensor, table: torch.Tensor, codes: torch.Tensor,
+                         other: torch.Tensor) -> None:
+    """Equal codes, except (under 1%) where the two rows are equally near the latent: the
+    latents agree to ~1e-6 and the distance formulas round differently (diffusers' cdist vs
+    |z|^2 + |e|^2 - 2 z.e), which may flip a near tie among 16,384 rows, nothing more."""
+    differ = (codes != other).flatten()
+    assert differ.float().mean() < 0.01
+    latents = z.T[differ]  # z: (embed_dim, positions) in the codes' (batch, row, col) order
+    near = ((latents - table[codes.flatten()[differ]]) ** 2).sum(1)
+    far = ((latents - table[other.flatten()[differ]]) ** 2).sum(1)
+    torch.testing.assert_close(far, near, rtol=1e-4, atol=1e-5)
