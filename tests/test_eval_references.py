@@ -4,7 +4,8 @@ FID: torch-fidelity's `FeatureExtractorInceptionV3` (the network torchmetrics'
 FrechetInceptionDistance runs) reads the same weights file as ours. torch-fidelity's package
 `__init__` imports torchvision for unrelated extractors, and PyPI's torchvision does not import
 beside this torch build, so the test loads its Inception module without that `__init__`
-(docs/evaluation.md). CI installs torch-fidelity without dependencies (tools/setup_env.sh).
+(docs/evaluation.md). CI installs torch-fidelity without dependencies into
+.cache/test-packages, outside the venv (tools/setup_env.sh).
 """
 
 from __future__ import annotations
@@ -26,18 +27,29 @@ from megatron_t2i.eval.fid import fid_from_features
 from megatron_t2i.eval.inception import FIDInceptionV3, load_fid_inception
 
 REPO = Path(__file__).resolve().parents[1]
+FIDELITY_TARGET = REPO / ".cache" / "test-packages"
+
+
+def _torch_fidelity_folder() -> Path | None:
+    """Where torch-fidelity's package lies: tools/setup_env.sh test puts it in
+    .cache/test-packages (outside the venv); an installed copy also does."""
+    if (FIDELITY_TARGET / "torch_fidelity" / "__init__.py").is_file():
+        return FIDELITY_TARGET / "torch_fidelity"
+    spec = importlib.util.find_spec("torch_fidelity")
+    return Path(spec.submodule_search_locations[0]) if spec else None
 
 
 def _torch_fidelity_inception() -> type:
     """torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3, imported
     under a bare package object instead of the package's `__init__` (which needs torchvision);
     sys.modules is left as it was."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.skip("torch-fidelity is not installed (tools/setup_env.sh test installs it)")
+    folder = _torch_fidelity_folder()
+    if folder is None:
+        pytest.skip("torch-fidelity not found (tools/setup_env.sh test puts it in "
+                    ".cache/test-packages)")
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "torch_fidelity"}
     package = types.ModuleType("torch_fidelity")
-    package.__path__ = list(spec.submodule_search_locations)
+    package.__path__ = [str(folder)]
     sys.modules["torch_fidelity"] = package
     try:
         module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")

@@ -40,7 +40,8 @@ echo "[setup] installing $spec (constrained to torch==$venv_torch)"
 if [ "$extras" = test ]; then
   # tests/test_eval_references.py holds our FID Inception against torch-fidelity's. Its
   # declared torchvision dependency would not import beside this torch, and its Inception
-  # module needs none, so it is installed without dependencies (never a runtime dependency).
-  "$VPY" -m pip install -q --no-deps torch-fidelity==0.4.0
+  # module needs none: installed without dependencies, outside the venv (in the venv it would
+  # make `import torchmetrics` fail, which imports torch-fidelity whenever it is installed).
+  "$VPY" -m pip install -q --no-deps --upgrade --target .cache/test-packages torch-fidelity==0.4.0
 fi
 "$VPY" -c 'import torch, megatron.core; print(f"[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}")'
