@@ -1,8 +1,11 @@
-"""The published SBER-MoVQGAN state-dict layout: every key and its shape, per preset.
+"""The published SBER-MoVQGAN state-dict layout: every key and its shape, per preset, and the
+map of each key onto diffusers' VQModel.
 
-Why a separate listing: `movqgan.py` must load the official checkpoints with strict key
-checking, so its module tree has to reproduce the official key names exactly. This file is an
-independent reference the tests hold the model against; it does not import `movqgan.py`.
+Why a listing: `movqgan.py` runs diffusers' network, whose names differ, yet must load the
+official checkpoints with strict key checking and write the official names back. This file is
+what a file is checked against (every key, every shape) and how it is renamed; the tests hold
+diffusers' model and the official modules (tests/movqgan_reference.py) against it. It does not
+import `movqgan.py`.
 
 Source (read 2026-11, github.com/ai-forever/MoVQGAN, commit f3976d8):
 - configs: `movqgan/__init__.py` (MODELS: the `ddconfig`, `n_embed`, `embed_dim` of 67M, 102M,
