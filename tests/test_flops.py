@@ -3,7 +3,10 @@ pure-torch reference transformer by torch's own FlopCounterMode."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -145,3 +148,70 @@ def test_matches_flop_counter_of_reference_transformer(activation, groups, recom
     counted = _counted_flops(cfg, vocab=96, seq=12, batch=3, recompute=recompute)
     assert counted == flops_per_iteration(cfg, padded_vocab_size=96, seq_length=12,
                                           global_batch_size=3, recompute_full=recompute)
+
+
+# ---- the model that runs: megatron-core's GPTModel from model/gpt.py under FlopCounterMode --
+
+def _gpt_model_flops(model_cfg: ModelConfig, vocab: int, batch: int) -> int:
+    """FlopCounterMode's count of one forward + backward of the GPTModel the trainer builds."""
+    from megatron.core import tensor_parallel
+
+    from megatron_t2i.config import Config
+    from megatron_t2i.model.gpt import build_model_chunks
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # the tracker attention dropout forks
+    model = build_model_chunks(Config(model=model_cfg), vocab, on_cuda=False)[0]
+    s = model_cfg.seq_length
+    tokens = torch.randint(0, vocab, (batch, s), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(s).expand(batch, s)
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, positions, None, labels=tokens).sum().backward()
+    return counter.get_total_flops()
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
+               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")
+
+
+@pytest.fixture(scope="module")
+def world_of_one() -> Iterator[None]:
+    """gloo with one rank, as tests/test_platform.py's single_process_group (module scope)."""
+    from megatron_t2i.config import ParallelConfig
+    from megatron_t2i.distributed import destroy_distributed, init_distributed
+    from megatron_t2i.platform import select_platform, uninstall_cpu_compat
+
+    saved = {v: os.environ.pop(v) for v in LAUNCH_VARS if v in os.environ}
+    select_platform("cpu")
+    init_distributed(ParallelConfig(), device="cpu")
+    try:
+        yield
+    finally:
+        destroy_distributed()
+        uninstall_cpu_compat()
+        os.environ.update(saved)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(activation="swiglu", untie_embeddings_and_output_weights=True),
+    dict(activation="gelu", num_query_groups=2, untie_embeddings_and_output_weights=False),
+    dict(activation="swiglu", num_query_groups=1, position_embedding_type="learned_absolute",
+         untie_embeddings_and_output_weights=False),
+    dict(activation="gelu", ffn_hidden_size=96, normalization="LayerNorm"),
+], ids=["swiglu-mha-untied", "gelu-gqa-tied", "swiglu-mqa-learned-pos-tied", "gelu-ffn96"])
+def test_matches_flop_counter_of_the_real_gpt_model(world_of_one, overrides):
+    """megatron-core's own attention (core_attention=megatron: baddbmm + bmm) is counted by
+    FlopCounterMode matmul for matmul: exact agreement. With the default SDPA core attention
+    the CPU kernel (aten._scaled_dot_product_flash_attention_for_cpu) has no FLOP formula in
+    torch, so the counter misses exactly the two attention matmuls, forward and backward.
+    Neither side counts the input embedding (a lookup) or discounts the causal mask; tied or
+    untied, the logits matmul and its two backward matmuls are the same."""
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, seq_length=16,
+                      **overrides)
+    vocab, batch = 256, 2
+    formula = flops_per_iteration(cfg, padded_vocab_size=vocab, seq_length=16,
+                                  global_batch_size=batch)
+    megatron_attention = dataclasses.replace(cfg, core_attention="megatron")
+    assert _gpt_model_flops(megatron_attention, vocab, batch) == formula
+    attention = 3 * cfg.num_layers * 2 * (2 * batch * 8 * 16 * 16 * (64 // 8))
+    assert _gpt_model_flops(cfg, vocab, batch) == formula - attention

@@ -37,4 +37,11 @@ esac
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}   # deepspeed (test extra): ops JIT-compile on use, none built at install
 echo "[setup] installing $spec (constrained to torch==$venv_torch)"
 "$VPY" -m pip install -q -c .cache/constraints.txt -e "$spec"
+if [ "$extras" = test ]; then
+  # tests/test_eval_references.py holds our FID Inception against torch-fidelity's. Its
+  # declared torchvision dependency would not import beside this torch, and its Inception
+  # module needs none: installed without dependencies, outside the venv (in the venv it would
+  # make `import torchmetrics` fail, which imports torch-fidelity whenever it is installed).
+  "$VPY" -m pip install -q --no-deps --upgrade --target .cache/test-packages torch-fidelity==0.4.0
+fi
 "$VPY" -c 'import torch, megatron.core; print(f"[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}")'

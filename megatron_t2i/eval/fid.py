@@ -132,9 +132,23 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 def fid_report(generated: str | Path, reference: str | Path, weights: str | Path,
-               batch_size: int = 32, device: str = "cpu") -> dict[str, float | int | str]:
-    """What tools/fid.py prints: FID and the sets it compared."""
+               batch_size: int = 32, device: str = "cpu", clip_model: str | Path | None = None,
+               captions_file: str | Path | None = None) -> dict[str, float | int | str]:
+    """What tools/fid.py prints: FID and the sets it compared, and the CLIP score of the
+    generated images against their captions when a local CLIP folder is given."""
     gen, ref = load_images(generated), load_images(reference)
+    captions = None
+    if clip_model is not None:  # read the captions first: a mismatch fails before any model
+        from megatron_t2i.eval.clip_score import read_captions
+
+        captions = read_captions(generated, captions_file, len(gen))
     value = fid(gen, ref, load_fid_inception(weights), batch_size, device)
-    return {"fid": value, "generated": str(generated), "reference": str(reference),
-            "num_generated": len(gen), "num_reference": len(ref), "weights": str(weights)}
+    report = {"fid": value, "generated": str(generated), "reference": str(reference),
+              "num_generated": len(gen), "num_reference": len(ref), "weights": str(weights)}
+    if captions is not None:
+        from megatron_t2i.eval.clip_score import clip_score, load_clip
+
+        report["clip_score"] = clip_score(gen, captions, *load_clip(clip_model), batch_size,
+                                          device)
+        report["clip_model"] = str(clip_model)
+    return report

@@ -2,22 +2,25 @@
 
 A VQGAN whose decoder normalises with "spatially conditioned" GroupNorm (MoVQ, Zheng et al.
 2022): every decoder norm scales and shifts its features by 1x1 convolutions of the quantised
-latent, resized to the feature map. Written from the published architecture
-(github.com/ai-forever/MoVQGAN, see `movqgan_keys.py` for the files read); the module tree
-reproduces the official state-dict names, so the released `movqgan_{67M,102M,270M}.ckpt` files
-load with strict key checking. Nothing is downloaded: the caller passes a local path.
+latent, resized to the feature map. The network is diffusers' `VQModel` with
+`norm_type="spatial"` (the MoVQ Kandinsky uses), set up as each official configuration
+(67M / 102M / 270M; `build_vqmodel`). Files keep the official state-dict names
+(github.com/ai-forever/MoVQGAN; `movqgan_keys.py` lists every key and maps it onto diffusers'
+names), so the released `movqgan_{67M,102M,270M}.ckpt` files load with strict key checking,
+and `save` writes the official names back. Nothing is downloaded: the caller passes a local
+path. docs/image-tokenizers.md says how the agreement with the official network is tested.
 
 Encoding: pixels in [-1, 1] -> encoder -> quant_conv -> index of the nearest codebook row
 (squared Euclidean distance, no normalisation; computed in fp32 even under bf16 autocast so
 near ties do not flip). Decoding: codebook rows -> post_quant_conv -> decoder, conditioned on
 the codebook rows themselves -> pixels -> uint8 (round, clamp).
 """
-
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_t2i.tokenizers.image import ImageTokenizer
+from megatron_t2i.tokenizers.movqgan_keys import published_layout, to_diffusers, to_official
 
 
 @dataclass(frozen=True)
@@ -73,229 +76,63 @@ TRAINING_ONLY_PREFIXES = ("loss.", "ema_encoder.", "ema_decoder.", "ema_quantize
                           "ema_quant_conv.", "ema_post_quant_conv.")
 
 
-# ---- building blocks (names follow the official modules) ---------------------------------
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm(32, c, eps=1e-6) that accepts (and ignores) the decoder's conditioning."""
+# ---- the network: diffusers' VQModel with spatial norm, under the official key names ------
+def build_vqmodel(cfg: MoVQConfig) -> nn.Module:
+    """diffusers' VQModel set up as the official MOVQ of `cfg` (random weights).
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    Levels whose resolution is in `attn_resolutions` attend (AttnDown/AttnUp blocks); the
+    decoder's norms are SpatialNorm conditioned on the codebook rows (`norm_type="spatial"`);
+    `lookup_from_codebook` lets `decode` take code indices. tests/test_movqgan.py holds it
+    against the official modules' layout and against our former hand-written network."""
+    try:
+        from diffusers.models.autoencoders.vq_model import VQModel
+    except ImportError as e:
+        raise ImportError(f"MoVQGAN needs diffusers ({e}); install it with "
+                          f"pip install 'megatron_t2i[movqgan]'") from e
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x)
-
-
-class SpatialNorm(nn.Module):
-    """MoVQ's norm: GroupNorm(x) * conv_y(zq) + conv_b(zq), zq resized (nearest) to x."""
-
-    def __init__(self, channels: int, zq_channels: int) -> None:
-        super().__init__()
-        self.norm_layer = GroupNorm(channels)
-        self.conv_y = nn.Conv2d(zq_channels, channels, 1)
-        self.conv_b = nn.Conv2d(zq_channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
-        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
-
-
-def _norm(channels: int, zq_channels: int | None) -> nn.Module:
-    return GroupNorm(channels) if zq_channels is None else SpatialNorm(channels, zq_channels)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, zq_channels: int | None) -> None:
-        super().__init__()
-        self.norm1 = _norm(cin, zq_channels)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout, zq_channels)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, zq)))
-        h = self.conv2(F.silu(self.norm2(h, zq)))
-        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return skip + h
+    attends = [cfg.resolution // 2**level in cfg.attn_resolutions
+               for level in range(len(cfg.ch_mult))]
+    return VQModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_ch,
+        down_block_types=[("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D")
+                          for a in attends],
+        up_block_types=[("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D")
+                        for a in reversed(attends)],  # diffusers runs up blocks top-down
+        block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels,
+        num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim, norm_num_groups=32,
+        norm_type="spatial", sample_size=cfg.resolution, lookup_from_codebook=True)
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions, with 1x1-conv projections."""
-
-    def __init__(self, channels: int, zq_channels: int | None) -> None:
-        super().__init__()
-        self.norm = _norm(channels, zq_channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
-        hn = self.norm(x, zq)
-        q, k, v = (p(hn).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c); scale c**-0.5
-        return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
+def _codes(z: torch.Tensor, table: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """(B, C, h, w) -> int64 (B, h, w): argmin_j |z - e_j|^2 in fp32, `rows` latents at a
+    time (bounds memory at rows x n_embed floats; diffusers' quantizer builds the whole
+    distance matrix, 1 GiB for 16 images at 32 x 32 codes)."""
+    b, c, h, w = z.shape
+    flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)
+    table = table.float()
+    e2 = (table**2).sum(1)
+    out = torch.empty(len(flat), dtype=torch.int64, device=z.device)
+    for s in range(0, len(flat), rows):
+        x = flat[s:s + rows]
+        out[s:s + rows] = ((x**2).sum(1, keepdim=True) + e2 - 2 * x @ table.T).argmin(1)
+    return out.reshape(b, h, w)
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as the original
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+def encode_codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, R, R) in [-1, 1] -> codes (B, g, g). The encoder may run under autocast;
+    quant_conv and the distances run in fp32 so near ties do not flip."""
+    h = model.encoder(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _codes(model.quant_conv(h.float()), model.quantize.embedding.weight)
 
 
-class _Level(nn.Module):
-    """One resolution: `block` (resnets), `attn` (empty unless the resolution attends) and
-    `downsample`/`upsample` except at the last level."""
-
-    def __init__(self, channels: list[tuple[int, int]], attends: bool,
-                 zq_channels: int | None) -> None:
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(i, o, zq_channels) for i, o in channels)
-        self.attn = nn.ModuleList(AttnBlock(o, zq_channels) for _, o in channels if attends)
-
-    def forward(self, h: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            h = block(h, zq)
-            if len(self.attn):
-                h = self.attn[i](h, zq)
-        return h
-
-
-class _Mid(nn.Module):
-    def __init__(self, channels: int, zq_channels: int | None) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, zq_channels)
-        self.attn_1 = AttnBlock(channels, zq_channels)
-        self.block_2 = ResnetBlock(channels, channels, zq_channels)
-
-    def forward(self, h: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h, zq), zq), zq)
-
-
-class Encoder(nn.Module):
-    """Image (B, 3, R, R) -> latent (B, z_channels, R/f, R/f), f = 2**(len(ch_mult)-1)."""
-
-    def __init__(self, cfg: MoVQConfig) -> None:
-        super().__init__()
-        ch, n_levels = cfg.ch, len(cfg.ch_mult)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level, mult in enumerate(cfg.ch_mult):
-            pairs = [(block_in if i == 0 else ch * mult, ch * mult)
-                     for i in range(cfg.num_res_blocks)]
-            down = _Level(pairs, cfg.resolution // 2**level in cfg.attn_resolutions, None)
-            block_in = ch * mult
-            if level != n_levels - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = _Mid(block_in, None)
-        self.norm_out = GroupNorm(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for down in self.down:
-            h = down(h)
-            if hasattr(down, "downsample"):
-                h = down.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class MoVQDecoder(nn.Module):
-    """Latent (B, z_channels, g, g) + quantised codes zq (B, embed_dim, g, g) -> image."""
-
-    def __init__(self, cfg: MoVQConfig) -> None:
-        super().__init__()
-        ch, mult, zq = cfg.ch, cfg.ch_mult, cfg.embed_dim
-        top = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, top, 3, padding=1)
-        self.mid = _Mid(top, zq)
-        self.up = nn.ModuleList()  # indexed by level, run from the top level down
-        for level in range(len(mult)):
-            block_in = ch * mult[min(level + 1, len(mult) - 1)]
-            pairs = [(block_in if i == 0 else ch * mult[level], ch * mult[level])
-                     for i in range(cfg.num_res_blocks + 1)]
-            up = _Level(pairs, cfg.resolution // 2**level in cfg.attn_resolutions, zq)
-            if level != 0:
-                up.upsample = Upsample(ch * mult[level])
-            self.up.append(up)
-        self.norm_out = SpatialNorm(ch * mult[0], zq)
-        self.conv_out = nn.Conv2d(ch * mult[0], cfg.out_ch, 3, padding=1)
-
-    def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z), zq)
-        for up in reversed(self.up):
-            h = up(h, zq)
-            if hasattr(up, "upsample"):
-                h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h, zq)))
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour lookup in `embedding` (n_embed x embed_dim)."""
-
-    _ROWS = 4096  # latent vectors per distance matrix: bounds memory at 4096 x n_embed floats
-
-    def __init__(self, n_embed: int, embed_dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(n_embed, embed_dim)
-
-    def codes(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) -> int64 (B, h, w): argmin_j |z - e_j|^2, in fp32."""
-        b, c, h, w = z.shape
-        flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)
-        table = self.embedding.weight.float()
-        e2 = (table**2).sum(1)
-        out = torch.empty(len(flat), dtype=torch.int64, device=z.device)
-        for s in range(0, len(flat), self._ROWS):
-            x = flat[s:s + self._ROWS]
-            d = (x**2).sum(1, keepdim=True) + e2 - 2 * x @ table.T  # the original's formula
-            out[s:s + self._ROWS] = d.argmin(1)
-        return out.reshape(b, h, w)
-
-    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """int (B, h, w) -> (B, embed_dim, h, w)."""
-        return self.embedding(codes).permute(0, 3, 1, 2).contiguous()
-
-
-class MoVQ(nn.Module):
-    """The official MOVQ's inference members, under the official names."""
-
-    def __init__(self, cfg: MoVQConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = MoVQDecoder(cfg)
-        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, R, R) in [-1, 1] -> codes (B, g, g). The conv stack may run under
-        autocast; quant_conv and the distances run in fp32."""
-        h = self.encoder(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.quantize.codes(self.quant_conv(h.float()))
-
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, g, g) -> pixels (B, 3, R, R), about [-1, 1]."""
-        zq = self.quantize.lookup(codes)
-        return self.decoder(self.post_quant_conv(zq), zq)
+def decode_codes(model: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """Codes (B, g, g) -> pixels (B, 3, R, R), about [-1, 1]: codebook rows ->
+    post_quant_conv -> decoder conditioned on the rows (diffusers' VQModel.decode)."""
+    b, g, _ = codes.shape
+    shape = (b, g, g, model.config.vq_embed_dim)
+    return model.decode(codes.reshape(b, -1), force_not_quantize=True, shape=shape).sample
 
 
 # ---- checkpoint files -------------------------------------------------------------------
@@ -327,14 +164,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], MoVQConf
     return obj, None
 
 
-def _layout(cfg: MoVQConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in MoVQ(cfg).state_dict().items()}
+def official_layout(cfg: MoVQConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the official MOVQ state dict of `cfg` (movqgan_keys.py)."""
+    return published_layout(dataclasses.asdict(cfg))
 
 
 def _differences(state: dict[str, torch.Tensor], cfg: MoVQConfig) -> dict[str, list[str]]:
-    """What keeps `state` from loading strictly into MoVQ(cfg): {} when it loads."""
-    want = _layout(cfg)
+    """What keeps `state` (official names) from loading strictly: {} when it loads."""
+    want = official_layout(cfg)
     found = {
         "missing keys": sorted(set(want) - set(state)),
         "unexpected keys": sorted(set(state) - set(want)),
@@ -373,11 +210,13 @@ def _resolve_config(state: dict[str, torch.Tensor],
 class MoVQGAN(ImageTokenizer):
     """MoVQGAN behind the ImageTokenizer interface: batched, bf16 autocast on CUDA."""
 
-    def __init__(self, model: MoVQ, device: str | torch.device | None = None,
-                 batch_size: int = 16, name: str = "") -> None:
+    def __init__(self, model: nn.Module, config: MoVQConfig,
+                 device: str | torch.device | None = None, batch_size: int = 16,
+                 name: str = "") -> None:
+        """model: `build_vqmodel(config)` with its weights."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.config = model.config
+        self.config = config
         self.batch_size = batch_size
         self.name = name
         self._identity: str | None = None
@@ -388,7 +227,7 @@ class MoVQGAN(ImageTokenizer):
         name = cfg if isinstance(cfg, str) else ""
         cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
         torch.manual_seed(seed)
-        return cls(MoVQ(cfg), name=name, **kwargs)
+        return cls(build_vqmodel(cfg), cfg, name=name, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, preset: str | MoVQConfig | None = None,
@@ -407,11 +246,11 @@ class MoVQGAN(ImageTokenizer):
             raise ValueError(f"MoVQGAN checkpoint {path} does not match {source}: "
                              f"{_describe(problems)}")
         with torch.device("meta"):
-            model = MoVQ(cfg)
+            model = build_vqmodel(cfg)
         model = model.to_empty(device="cpu")  # no random init: every tensor is overwritten
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(to_diffusers(state, len(cfg.ch_mult)), strict=True)
         name = next((n for n, c in PRESETS.items() if c == cfg), "")
-        return cls(model, device=device, batch_size=batch_size, name=name)
+        return cls(model, cfg, device=device, batch_size=batch_size, name=name)
 
     def save(self, path: str | Path) -> None:
         """A .safetensors file with the weights under the official names and the config."""
@@ -419,8 +258,14 @@ class MoVQGAN(ImageTokenizer):
 
         if Path(path).suffix != ".safetensors":  # from_checkpoint picks the reader by suffix
             raise ValueError(f"MoVQGAN.save: {path} must end in .safetensors")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(path), metadata={"movqgan_config": self.config.to_json()})
+        save_file(self.official_state_dict(), str(path),
+                  metadata={"movqgan_config": self.config.to_json()})
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the official MOVQ names and shapes (CPU, contiguous)."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {k: v.contiguous() for k, v in
+                to_official(state, official_layout(self.config)).items()}
 
     # ---- the interface --------------------------------------------------------------------
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -430,7 +275,7 @@ class MoVQGAN(ImageTokenizer):
             batch = torch.from_numpy(np.ascontiguousarray(images[s:s + self.batch_size]))
             x = batch.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             with torch.inference_mode(), self._autocast():
-                out.append(self.model.encode_codes(x).cpu())
+                out.append(encode_codes(self.model, x).cpu())
         g = self.grid_size
         return torch.cat(out).numpy() if out else np.zeros((0, g, g), np.int64)
 
@@ -447,7 +292,7 @@ class MoVQGAN(ImageTokenizer):
         for s in range(0, len(codes), self.batch_size):
             c = torch.from_numpy(codes[s:s + self.batch_size].astype(np.int64)).to(self.device)
             with torch.inference_mode(), self._autocast():
-                x = self.model.decode_codes(c).float()
+                x = decode_codes(self.model, c).float()
             pixels = ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
             out.append(pixels.permute(0, 2, 3, 1).cpu())
         r = self.image_size
@@ -476,7 +321,7 @@ class MoVQGAN(ImageTokenizer):
         nearly tied between two codebook rows (bf16 autocast on a GPU flips more)."""
         if self._identity is None:
             h = hashlib.sha256(f"movqgan:{self.config.to_json()}:".encode())
-            for k, v in sorted(self.model.state_dict().items()):
+            for k, v in sorted(self.official_state_dict().items()):
                 h.update(k.encode())
                 h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
             self._identity = h.hexdigest()
@@ -484,9 +329,8 @@ class MoVQGAN(ImageTokenizer):
 
 
 def count_parameters(cfg: MoVQConfig) -> int:
-    """Parameters of MoVQ(cfg), counted without allocating them."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in MoVQ(cfg).parameters())
+    """Parameters of the network of `cfg`, counted without allocating them."""
+    return sum(math.prod(shape) for shape in official_layout(cfg).values())
 
 
 def throughput(tokenizer: MoVQGAN, batch: int, repeats: int = 3, seed: int = 0) -> dict:

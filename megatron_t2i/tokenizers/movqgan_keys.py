@@ -1,8 +1,11 @@
-"""The published SBER-MoVQGAN state-dict layout: every key and its shape, per preset.
+"""The published SBER-MoVQGAN state-dict layout: every key and its shape, per preset, and the
+map of each key onto diffusers' VQModel.
 
-Why a separate listing: `movqgan.py` must load the official checkpoints with strict key
-checking, so its module tree has to reproduce the official key names exactly. This file is an
-independent reference the tests hold the model against; it does not import `movqgan.py`.
+Why a listing: `movqgan.py` runs diffusers' network, whose names differ, yet must load the
+official checkpoints with strict key checking and write the official names back. This file is
+what a file is checked against (every key, every shape) and how it is renamed; the tests hold
+diffusers' model and the official modules (tests/movqgan_reference.py) against it. It does not
+import `movqgan.py`.
 
 Source (read 2026-11, github.com/ai-forever/MoVQGAN, commit f3976d8):
 - configs: `movqgan/__init__.py` (MODELS: the `ddconfig`, `n_embed`, `embed_dim` of 67M, 102M,
@@ -21,6 +24,10 @@ state dict.
 """
 
 from __future__ import annotations
+
+import re
+
+import torch
 
 Shape = tuple[int, ...]
 
@@ -118,3 +125,60 @@ def published_layout(cfg: dict) -> dict[str, Shape]:
     _conv(keys, "quant_conv", cfg["z_channels"], cfg["embed_dim"], 1)
     _conv(keys, "post_quant_conv", cfg["embed_dim"], cfg["z_channels"], 1)
     return keys
+
+
+# ---- the key map onto diffusers' VQModel (norm_type="spatial") ---------------------------
+# diffusers names the same modules differently and runs the decoder's levels top-down
+# (up_blocks.0 is the official up.{n-1}); attention projections are nn.Linear there and 1x1
+# convolutions in the official files. Facts from diffusers 0.42 `models/autoencoders/vae.py`
+# (Encoder, Decoder), `unets/unet_2d_blocks.py` and `attention_processor.py` (Attention with
+# group_norm / spatial_norm).
+_ATTENTION = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_LINEAR = re.compile(r"\.to_(q|k|v|out\.0)\.weight$")
+
+
+def _level_key(side: str, rest: str, n_levels: int) -> str:
+    m = re.match(r"(down|up)\.(\d+)\.(block|attn|downsample|upsample)\.(.*)$", rest)
+    if not m:
+        return rest
+    level = int(m[2]) if side == "encoder" else n_levels - 1 - int(m[2])
+    member = {"block": "resnets.", "attn": "attentions.", "downsample": "downsamplers.0.",
+              "upsample": "upsamplers.0."}[m[3]]
+    return f"{m[1]}_blocks.{level}.{member}{m[4]}"
+
+
+def diffusers_key(key: str, n_levels: int) -> str:
+    """The diffusers VQModel name of one official MOVQ key."""
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        return key  # quantize.embedding, quant_conv, post_quant_conv: same names
+    rest = _level_key(side, rest, n_levels)
+    for old, new in (("mid.block_1.", "mid_block.resnets.0."),
+                     ("mid.block_2.", "mid_block.resnets.1."),
+                     ("mid.attn_1.", "mid_block.attentions.0."),
+                     (".nin_shortcut.", ".conv_shortcut.")):
+        rest = rest.replace(old, new)
+    rest = re.sub(r"^norm_out\.", "conv_norm_out.", rest)
+    if "attentions." in rest:
+        norm = ".group_norm." if side == "encoder" else ".spatial_norm."
+        rest = re.sub(r"\.norm\.", norm, rest)
+        rest = re.sub(r"\.(q|k|v|proj_out)\.(weight|bias)$",
+                      lambda m: f".{_ATTENTION[m[1]]}.{m[2]}", rest)
+    return f"{side}.{rest}"
+
+
+def to_diffusers(state: dict[str, torch.Tensor], n_levels: int) -> dict[str, torch.Tensor]:
+    """An official state dict under diffusers' names (1x1-conv projections as matrices)."""
+    out = {}
+    for key, value in state.items():
+        new = diffusers_key(key, n_levels)
+        out[new] = value.flatten(1) if _LINEAR.search(new) else value
+    return out
+
+
+def to_official(state: dict[str, torch.Tensor],
+                layout: dict[str, Shape]) -> dict[str, torch.Tensor]:
+    """The inverse of `to_diffusers` for a model of `layout` (published_layout's output)."""
+    n_levels = 1 + max(int(k.split(".")[2]) for k in layout if k.startswith("encoder.down."))
+    names = {diffusers_key(k, n_levels): k for k in layout}
+    return {names[k]: v.reshape(layout[names[k]]) for k, v in state.items()}

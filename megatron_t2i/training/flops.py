@@ -28,6 +28,11 @@ This is the convention of Narayanan et al. 2021 ("Efficient Large-Scale Language
 Training on GPU Clusters", appendix) and of Megatron-LM's `num_floating_point_operations`
 as of 2024; newer Megatron-LM releases halve the attention terms for the causal mask, so at
 long sequence lengths our TFLOP/s read slightly higher than theirs.
+
+tests/test_flops.py holds the formula against torch's FlopCounterMode on the GPTModel that
+model/gpt.py builds (forward + backward): exact with megatron-core's own core attention; with
+SDPA on the CPU the counter misses the attention matmuls, for which torch has no formula
+(docs/performance.md).
 """
 
 from __future__ import annotations
