@@ -126,10 +126,13 @@ def _rng_sharded_object(is_loading: bool) -> ShardedObject:
 
 
 def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
-                    scheduler, meta: dict[str, Any], save_optimizer: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+                    scheduler, meta: dict[str, Any], save_optimizer: bool = True,
+                    extras: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder. `extras`: more sharded
+    state dicts by top-level key (the EMA weights, training/ema.py)."""
     tmp = begin_save(root, state.iteration)
     sharded = model_sharded_state_dict(chunks)
+    sharded.update(extras or {})
     if save_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
                                                             metadata=OPTIM_METADATA)
@@ -198,8 +201,11 @@ def write_latest(root: Path, iteration: int) -> None:
 
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
                     layout: VocabLayout, padded_vocab_size: int, load_optimizer: bool = True,
+                    extras: dict[str, Any] | None = None,
                     ) -> tuple[TrainState, dict[str, Any]]:
-    """Load model (resharded as needed), optimizer, scheduler, RNG and the train state."""
+    """Load model (resharded as needed), optimizer, scheduler, RNG and the train state.
+    `extras` (sharded state dicts by top-level key, as saved) are replaced in place by the
+    loaded values."""
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
@@ -218,9 +224,12 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
                                                             metadata=OPTIM_METADATA)
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(is_loading=True)
+    sharded.update(extras or {})
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(folder))
     _apply_model(chunks, loaded)
+    for key in extras or {}:
+        extras[key] = loaded[key]
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
