@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 KEY = "ema"
@@ -83,3 +85,14 @@ class EMA:
                 if f"chunk{i}.{name}" not in loaded:
                     raise RuntimeError(f"EMA: the checkpoint has no average of {name}")
                 s.copy_(loaded[f"chunk{i}.{name}"])
+
+
+def load_averaged_weights(folder: str | Path, chunks: list[torch.nn.Module]) -> None:
+    """Put a checkpoint's EMA weights (meta `has_ema`) into the model, resharded to this
+    rank's TP / PP like the weights: what evaluation and sampling tools use when present."""
+    averaged = EMA(chunks, decay=0.5)  # the decay plays no part in loading
+    sharded = {KEY: averaged.sharded_state_dict(chunks)}
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(folder))
+    averaged.load(chunks, loaded[KEY])
+    averaged._copy_into(chunks, averaged.shadow)
