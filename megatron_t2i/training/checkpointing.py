@@ -132,10 +132,10 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
     state dicts by top-level key (the EMA weights, training/ema.py)."""
     tmp = begin_save(root, state.iteration)
     sharded = model_sharded_state_dict(chunks)
-    sharded.update(extras or {})
     if save_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
                                                             metadata=OPTIM_METADATA)
+    sharded.update(extras or {})  # after: the optimizer maps its state to the model's keys
     sharded["opt_param_scheduler"] = scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object(is_loading=False)
     sharded["iteration"] = state.iteration

@@ -60,31 +60,29 @@ class EMA:
 
     def sharded_state_dict(self, chunks: list[torch.nn.Module]) -> dict[str, Any]:
         """The average as the model's own sharded state dict (same shards, same factories,
-        e.g. SwiGLU's split fc1) over the fp32 copies, keys prefixed `ema.`."""
+        e.g. SwiGLU's split fc1) with the fp32 copies as data, keys prefixed `ema.`."""
         out: dict[str, Any] = {}
         for i, (chunk, shadow) in enumerate(zip(chunks, self.shadow)):
-            params = list(chunk.parameters())
-            originals = [p.data for p in params]
-            try:  # the model describes its shards of whatever tensors its parameters hold
-                for p, s in zip(params, shadow):
-                    p.data = s
-                tree = chunk.sharded_state_dict()
-            finally:
-                for p, o in zip(params, originals):
-                    p.data = o
-            out.update({f"chunk{i}.{name}": dataclasses.replace(v, key=f"{KEY}.{v.key}")
-                        for name, v in tree.items()
-                        if isinstance(v, (ShardedTensor, ShardedTensorFactory))})
+            # the model's entries hold the parameter objects themselves: swap in the copies
+            copies = {id(p): s for p, s in zip(chunk.parameters(), shadow)}
+            for name, v in chunk.sharded_state_dict().items():
+                if not isinstance(v, (ShardedTensor, ShardedTensorFactory)):
+                    continue  # _extra_state objects: nothing to average
+                if id(v.data) not in copies:
+                    raise RuntimeError(f"EMA: the sharded entry {v.key} is not a parameter")
+                data = copies[id(v.data)]
+                extra = {"dtype": data.dtype} if isinstance(v, ShardedTensor) else {}
+                out[f"chunk{i}.{name}"] = dataclasses.replace(v, key=f"{KEY}.{v.key}",
+                                                              data=data, **extra)
         return out
 
     @torch.no_grad()
     def load(self, chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:
         """Copy what dist_checkpointing loaded for `sharded_state_dict`'s entries."""
-        for i, (chunk, shadow) in enumerate(zip(chunks, self.shadow)):
-            for (name, _), s in zip(chunk.named_parameters(), shadow):
-                if f"chunk{i}.{name}" not in loaded:
-                    raise RuntimeError(f"EMA: the checkpoint has no average of {name}")
-                s.copy_(loaded[f"chunk{i}.{name}"])
+        for name, entry in self.sharded_state_dict(chunks).items():
+            if name not in loaded:
+                raise RuntimeError(f"EMA: the checkpoint has no average of {entry.key}")
+            entry.data.copy_(loaded[name])
 
 
 def load_averaged_weights(folder: str | Path, chunks: list[torch.nn.Module]) -> None:
