@@ -39,6 +39,7 @@ from megatron_t2i.training.flops import flops_per_iteration
 from megatron_t2i.training.loss import masked_loss, reduce_reports
 from megatron_t2i.training.loss_plot import write_loss_plot
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
+from megatron_t2i.training.plots import PlotError
 from megatron_t2i.training.sampling import TrainingSampler
 from megatron_t2i.training.zloss import reduce_z_loss, z_loss_func
 
@@ -368,7 +369,10 @@ class Trainer:
         if self.sampler.due(self.iteration, final=True):
             self.sample()
         if self._is_writer():
-            self._print(f"loss plot {write_loss_plot(self.run_dir)}")
+            try:
+                self._print(f"loss plot {write_loss_plot(self.run_dir)}")
+            except PlotError as e:  # a damaged metrics.jsonl must not fail a finished run
+                self._print(f"no loss plot: {e}")
 
     # ---- logging and saving --------------------------------------------------------------
     def _log_train(self, report: dict[str, float], elapsed: float) -> None:
