@@ -9,7 +9,8 @@ Each rank keeps an fp32 copy of its own parameters only, so the average is shard
 like the model (its TP / PP slice; data-parallel replicas hold equal copies). In a checkpoint
 it sits under `ema.<the model's key>` with the model's shard layout, so dist_checkpointing
 reshards it to another TP / PP on load like the weights; resuming restores it bit for bit.
-Updates read the model's parameters after the optimizer step: with the distributed optimizer
+Updates read the model's parameters after the optimizer step (under bf16 the bf16 model
+weights, not the optimizer's fp32 main copy): with the distributed optimizer
 they are the gathered, updated values (parallel.overlap_param_gather would defer that gather
 to the next forward pass, so config validation refuses the combination).
 """
