@@ -55,6 +55,9 @@ class ModelConfig:
     # output_layer, attention, mlp, norms, transformer (all layers), text_rows (the text rows
     # of the word embeddings and output layer; the image rows train)
     freeze: list[str] = dataclasses.field(default_factory=list)
+    # LayerNorm on queries and keys per head (megatron-core's qk_layernorm): against attention
+    # logit growth in mixed text-image training (Chameleon, Lumina-mGPT); off in the paper.
+    qk_layernorm: bool = False
 
 
 @dataclasses.dataclass
@@ -133,6 +136,20 @@ class TrainConfig:
     # Signals that make the run finish its iteration, save and exit 75 (training/faults.py);
     # empty: leave every signal's default action alone.
     exit_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Output z-loss weight w: loss += w * mean(logsumexp(logits)^2) over loss tokens
+    # (training/loss.py); 0 = off, as in the paper. 1e-4 in Chameleon / Lumina-mGPT.
+    z_loss_weight: float = 0.0
+    # Decay of an fp32 exponential moving average of the weights (training/ema.py), saved in
+    # checkpoints and used for sampling and validation; None = no EMA.
+    ema_decay: Optional[float] = None
+    # Samples of fixed captions (training/sampling.py): every sample_interval iterations
+    # (None: never during training) and at the end (sample_at_end); the captions are
+    # sample_captions + the lines of sample_captions_file, else sample_count held-out ones.
+    sample_interval: Optional[int] = None
+    sample_at_end: bool = True
+    sample_captions: list[str] = dataclasses.field(default_factory=list)
+    sample_captions_file: Optional[str] = None
+    sample_count: int = 16
 
 
 @dataclasses.dataclass
@@ -411,6 +428,10 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
     _split_weights(cfg.data.split)
     _check_ranges(cfg)
+    _check_training_extras(t)
+    if t.ema_decay is not None and p.overlap_param_gather:
+        raise ConfigError("train.ema_decay needs parallel.overlap_param_gather=false (the "
+                          "average reads the parameters right after the optimizer step)")
     _check_exit_signals(t.exit_signals)
     _check_data_paths(cfg.data)
     if m.freeze:
@@ -478,6 +499,20 @@ def _check_data_paths(d: DataConfig) -> None:
         raise ConfigError(f"data.data_weights must be positive, got {d.data_weights}")
     if not 0.0 <= d.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout={d.caption_dropout} is outside [0, 1)")
+
+
+def _check_training_extras(t: TrainConfig) -> None:
+    if t.z_loss_weight < 0:
+        raise ConfigError(f"train.z_loss_weight={t.z_loss_weight} must be >= 0")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} is outside (0, 1)")
+    if t.sample_interval is not None and t.sample_interval < 1:
+        raise ConfigError(f"train.sample_interval={t.sample_interval} must be positive")
+    if t.sample_count < 0:
+        raise ConfigError(f"train.sample_count={t.sample_count} must be >= 0")
+    if t.engine == "deepspeed" and (t.z_loss_weight or t.ema_decay is not None):
+        raise ConfigError("train.z_loss_weight and train.ema_decay are implemented for "
+                          "train.engine=megatron only")
 
 
 def _check_freeze(cfg: Config) -> None:

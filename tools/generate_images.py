@@ -1,5 +1,5 @@
 """Generate images from captions with a checkpoint: KV-cached sampling, temperature, top-k,
-top-p, classifier-free guidance; decoded by the image tokenizer into a PNG grid.
+top-p (over image codes only), classifier-free guidance (on an interval of steps); decoded by the image tokenizer into a PNG grid.
 
     python tools/generate_images.py --checkpoint runs/demo/checkpoints \
         --caption "a red circle at the top left" --captions-file more.txt \
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance; 1 = none")
+    parser.add_argument("--guidance-interval", type=int, default=0,
+                        help="guide only the first N image tokens; 0 = all")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, captions, args.out, args.tp,
             SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
             args.guidance_scale, args.batch_size, args.text_tokenizer, args.image_tokenizer,
-            args.image_tokenizer_kind, use_kv_cache=not args.no_kv_cache),
+            args.image_tokenizer_kind, use_kv_cache=not args.no_kv_cache,
+            guidance_interval=args.guidance_interval),
         emit)
 
 

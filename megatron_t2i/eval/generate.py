@@ -18,12 +18,20 @@ padded-vocabulary rows out. TP rank 0's draw is broadcast so all ranks continue 
 
 Classifier-free guidance: each caption is paired with the null caption `[bos] [boi]` (what
 caption dropout trains), decoded alongside it and given the same tokens; the next-token logits
-are `uncond + scale * (cond - uncond)`.
+are `uncond + scale * (cond - uncond)`, on the first `guidance_interval` image tokens (0: on
+all of them; later tokens follow the caption alone, as guidance matters most for the layout
+decided early). A run that never trained the null caption (`data.caption_dropout` 0) gets a
+warning: its unconditional logits are meaningless and guided pictures come out as noise.
+
+Inside the image block only image codes are candidates: the logits are cut to the code range
+before temperature, top-k and top-p, so no text id or special can be drawn between `[boi]` and
+`[eoi]`, and `[eoi]` is appended after the last code (never sampled).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +41,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_t2i.config import Config
 from megatron_t2i.vocab import VocabLayout
 
 
@@ -151,32 +160,65 @@ def caption_prompt(caption_ids: Sequence[int], layout: VocabLayout) -> list[int]
     return [layout.bos_id, *caption_ids, layout.boi_id]
 
 
-def generate_image_codes(model: torch.nn.Module, layout: VocabLayout,
+def next_image_ids(logits: torch.Tensor, layout: VocabLayout, params: SamplingParams,
+                   generator: torch.Generator, guidance_scale: float = 1.0) -> torch.Tensor:
+    """The next image-code ids (vocabulary ids) from full-vocabulary logits [b, v]; with
+    guidance, rows [0, b/2) are the captions and [b/2, b) their null captions, and the
+    result has b/2 rows. Only code ids can come out, whatever top-k / top-p keep."""
+    lo, hi = layout.image_start, layout.image_start + layout.image_size
+    logits = logits[:, lo:hi].float()
+    if guidance_scale != 1.0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + guidance_scale * (cond - uncond)
+    return sample_next(logits, params, generator) + lo
+
+
+def generate_image_block(model: torch.nn.Module, layout: VocabLayout,
                          captions: Sequence[Sequence[int]], tokens_per_image: int,
                          params: SamplingParams, guidance_scale: float = 1.0,
-                         use_kv_cache: bool = True) -> np.ndarray:
-    """Codes [n, tokens_per_image] (codebook indices) for tokenized captions.
-
-    Only image codes are sampled, so every sequence is `[bos] caption [boi] codes [eoi]`
-    with `<eoi>` forced after the last code. guidance_scale 1 is plain conditional sampling.
-    """
+                         use_kv_cache: bool = True, guidance_interval: int = 0
+                         ) -> torch.Tensor:
+    """What follows `[bos] caption [boi]`: ids [n, tokens_per_image + 1], the sampled image
+    codes (vocabulary ids) and the forced `[eoi]`. guidance_scale 1 is plain conditional
+    sampling; guidance_interval > 0 guides the first that many codes only."""
     prompts = [caption_prompt(c, layout) for c in captions]
     guided = guidance_scale != 1.0
     if guided:
         prompts += [caption_prompt([], layout)] * len(captions)
     decoder = Decoder(model, prompts, tokens_per_image, use_kv_cache)
     generator = torch.Generator().manual_seed(params.seed)
-    lo, hi = layout.image_start, layout.image_start + layout.image_size
     n = len(captions)
-    for _ in range(tokens_per_image):
-        logits = decoder.logits()[:, lo:hi].float()
-        if guided:
-            cond, uncond = logits[:n], logits[n:]
-            logits = uncond + guidance_scale * (cond - uncond)
-        codes = _agree_across_tensor_parallel(sample_next(logits, params, generator),
-                                              decoder.device)
-        decoder.append(torch.cat([codes, codes]) + lo if guided else codes + lo)
-    return torch.stack(decoder.generated, dim=1)[:n].numpy() - lo
+    for step in range(tokens_per_image):
+        logits = decoder.logits()
+        scale = guidance_scale if not guidance_interval or step < guidance_interval else 1.0
+        if guided and scale == 1.0:
+            logits = logits[:n]
+        ids = _agree_across_tensor_parallel(
+            next_image_ids(logits, layout, params, generator, scale), decoder.device)
+        decoder.append(torch.cat([ids, ids]) if guided else ids)
+    decoder.generated.append(torch.full((len(prompts),), layout.eoi_id))  # never sampled
+    return torch.stack(decoder.generated, dim=1)[:n]
+
+
+def generate_image_codes(model: torch.nn.Module, layout: VocabLayout,
+                         captions: Sequence[Sequence[int]], tokens_per_image: int,
+                         params: SamplingParams, guidance_scale: float = 1.0,
+                         use_kv_cache: bool = True, guidance_interval: int = 0) -> np.ndarray:
+    """Codes [n, tokens_per_image] (codebook indices) for tokenized captions: the image
+    block of `generate_image_block` without its `[eoi]`."""
+    block = generate_image_block(model, layout, captions, tokens_per_image, params,
+                                 guidance_scale, use_kv_cache, guidance_interval)
+    return block[:, :-1].numpy() - layout.image_start
+
+
+def warn_if_unguidable(cfg: Config, guidance_scale: float) -> str | None:
+    """The warning for guidance from a run that never trained the null caption, or None."""
+    if guidance_scale == 1.0 or cfg.data.caption_dropout > 0:
+        return None
+    return (f"warning: --guidance-scale {guidance_scale:g} but this run trained with "
+            f"data.caption_dropout=0, so it never saw the null caption `[bos] [boi]` that "
+            f"guidance subtracts; expect noise. Train with data.caption_dropout=0.1 (or use "
+            f"--guidance-scale 1)")
 
 
 # ---- prompts -> text completions ------------------------------------------------------------
@@ -215,7 +257,7 @@ def generate_images(checkpoint: str | Path, captions: Sequence[str], out_dir: st
                     text_tokenizer: str | Path | None = None,
                     image_tokenizer: str | Path | None = None,
                     image_tokenizer_kind: str | None = None,
-                    use_kv_cache: bool = True) -> dict:
+                    use_kv_cache: bool = True, guidance_interval: int = 0) -> dict:
     """Sample one image per caption; rank 0 writes `samples.npz` (codes, images, captions),
     `grid.png` (images with their captions under them) and `images/NNNNN.png`.
     Captions are batched in order of token length; batch b is sampled with seed
@@ -224,6 +266,8 @@ def generate_images(checkpoint: str | Path, captions: Sequence[str], out_dir: st
     from megatron_t2i.eval import loading
 
     cfg, chunks, layout, _ = loading.load_for_eval(checkpoint, tp, 1)
+    if (warning := warn_if_unguidable(cfg, guidance_scale)) and loading.is_writer():
+        print(warning, file=sys.stderr, flush=True)
     text = loading.text_tokenizer_for(cfg, text_tokenizer)
     image = loading.image_tokenizer_for(cfg, image_tokenizer_kind, image_tokenizer)
     if image.tokens_per_image != cfg.data.image_tokens_per_sample or \
@@ -238,14 +282,16 @@ def generate_images(checkpoint: str | Path, captions: Sequence[str], out_dir: st
         rows = order[start:start + batch_size]
         codes_arr[rows] = generate_image_codes(
             chunks[0], layout, [ids[i] for i in rows], image.tokens_per_image,
-            dataclasses.replace(params, seed=params.seed + b), guidance_scale, use_kv_cache)
+            dataclasses.replace(params, seed=params.seed + b), guidance_scale, use_kv_cache,
+            guidance_interval)
     g = image.grid_size
     images = image.decode(codes_arr.reshape(len(codes_arr), g, g))
     out = Path(out_dir)
     if loading.is_writer():
         write_samples(out, codes_arr, images, list(captions))
     return {"out_dir": str(out), "num_images": len(images), "codes": codes_arr.tolist(),
-            "guidance_scale": guidance_scale, **dataclasses.asdict(params)}
+            "guidance_scale": guidance_scale, "guidance_interval": guidance_interval,
+            **dataclasses.asdict(params)}
 
 
 def write_samples(out: Path, codes: np.ndarray, images: np.ndarray,

@@ -5,7 +5,8 @@
 The checkpoint's meta.json holds the config it was trained with; its `parallel` section is
 replaced by the evaluation's (TP, PP, no virtual pipeline, data parallel = the rest of the
 world), the model is built with the trainer's own code (model/gpt.py) and the weights are read
-with dist_checkpointing, which reshards them to the evaluation's layout. Run several processes
+with dist_checkpointing, which reshards them to the evaluation's layout (the EMA weights when
+the run kept them, train.ema_decay). Run several processes
 under torchrun; one process needs no launcher.
 """
 
@@ -79,6 +80,10 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     chunks = build_model_chunks(cfg, padded, platform.is_cuda)
     checkpointing.load_model_weights(folder, chunks, layout, padded, verify=False)  # hashed
+    if meta.get("has_ema"):  # train.ema_decay: evaluate and sample the averaged weights
+        from megatron_t2i.training.ema import load_averaged_weights
+
+        load_averaged_weights(folder, chunks)
     for chunk in chunks:
         chunk.eval()
     return cfg, chunks, layout, padded

@@ -85,6 +85,7 @@ def transformer_config(cfg: Config, on_cuda: bool) -> TransformerConfig:
         # the loss is a mean over all loss tokens of the global batch (training/loss.py);
         # DDP reads this at construction to sum rather than average across DP
         calculate_per_token_loss=True,
+        qk_layernorm=m.qk_layernorm,
         **extra,
     )
 
@@ -100,8 +101,10 @@ def layer_spec(cfg: Config) -> ModuleSpec:
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(normalization=m.normalization)
-    spec = get_gpt_layer_local_spec(normalization=m.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(normalization=m.normalization,
+                                                          qk_layernorm=m.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization=m.normalization,
+                                    qk_layernorm=m.qk_layernorm)
     if m.core_attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec

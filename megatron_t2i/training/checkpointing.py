@@ -141,13 +141,16 @@ def _rng_sharded_object(is_loading: bool) -> ShardedObject:
 
 
 def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
-                    scheduler, meta: dict[str, Any], save_optimizer: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+                    scheduler, meta: dict[str, Any], save_optimizer: bool = True,
+                    extras: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder. `extras`: more sharded
+    state dicts by top-level key (the EMA weights, training/ema.py)."""
     tmp = begin_save(root, state.iteration)
     sharded = model_sharded_state_dict(chunks)
     if save_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
                                                             metadata=OPTIM_METADATA)
+    sharded.update(extras or {})  # after: the optimizer maps its state to the model's keys
     sharded["opt_param_scheduler"] = scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object(is_loading=False)
     sharded["iteration"] = state.iteration
@@ -249,8 +252,11 @@ def write_latest(root: Path, iteration: int) -> None:
 
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
                     layout: VocabLayout, padded_vocab_size: int, load_optimizer: bool = True,
-                    verify: bool = True) -> tuple[TrainState, dict[str, Any]]:
-    """Load model (resharded as needed), optimizer, scheduler, RNG and the train state."""
+                    verify: bool = True, extras: dict[str, Any] | None = None,
+                    ) -> tuple[TrainState, dict[str, Any]]:
+    """Load model (resharded as needed), optimizer, scheduler, RNG and the train state.
+    `extras` (sharded state dicts by top-level key, as saved) are replaced in place by the
+    loaded values."""
     check_files(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
@@ -271,9 +277,12 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
                                                             metadata=OPTIM_METADATA)
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object(is_loading=True)
+    sharded.update(extras or {})
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(folder))
     _apply_model(chunks, loaded)
+    for key in extras or {}:
+        extras[key] = loaded[key]
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
@@ -353,7 +362,7 @@ def check_vocab(folder: Path, meta: dict[str, Any], layout: VocabLayout, padded:
 ARCHITECTURE_KEYS = ("untie_embeddings_and_output_weights", "num_layers", "hidden_size",
                      "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "normalization", "activation", "position_embedding_type", "rotary_base",
-                     "add_bias_linear")
+                     "add_bias_linear", "qk_layernorm")
 
 
 def _architecture(model: dict[str, Any]) -> dict[str, Any]:

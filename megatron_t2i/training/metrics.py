@@ -17,7 +17,8 @@ Where each sink puts things:
   continues the same file. Non-finite values (a diverged loss, an inf grad norm) are written
   as JSON `null` and the record is kept: NaN/Infinity are not JSON, and a reader should see
   the iteration happened.
-- TensorBoard (`<run_dir>/tensorboard`) and W&B: tags `train/<name>` and `valid/<name>`.
+- TensorBoard (`<run_dir>/tensorboard`) and W&B: tags `train/<name>` and `valid/<name>`;
+  sample grids as the image `samples`, their caption fidelity as `samples/<name>`.
   W&B plots against the logged `iteration` (not its own step counter), so a run resumed
   from a checkpoint older than its last logged iteration still records its points.
 - W&B: the run id lives in `<run_dir>/wandb_run_id`; a restarted job reads it and continues
@@ -38,6 +39,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from megatron_t2i.config import LoggingConfig
 from megatron_t2i.training.flops import mfu
 
@@ -48,6 +51,7 @@ _STDOUT_FIELDS = (
     ("loss", "loss {:.4f}"),
     ("loss_text", "text {:.4f}"),
     ("loss_image", "image {:.4f}"),
+    ("z_loss", "z {:.3f}"),
     ("lr", "lr {:.3e}"),
     ("grad_norm", "grad {:.3f}"),
     ("tokens_per_sec", "{:,.0f} tok/s"),
@@ -92,6 +96,24 @@ class MetricsLogger:
             return
         self._write(iteration, scalars, split="valid")
         print(format_line(f"valid at iter {iteration:>7d}", scalars), flush=True)
+
+    def log_samples(self, iteration: int, grid: Any,
+                    scalars: dict[str, float] | None = None) -> None:
+        """A grid of samples (a PIL image) as the image `samples`, and its scores (caption
+        fidelity) as split "samples" (training/sampling.py)."""
+        if not self.is_writer:
+            return
+        if scalars:
+            self._write(iteration, scalars, split="samples")
+        pixels = np.asarray(grid.convert("RGB"))
+        if self._tensorboard is not None:
+            self._tensorboard.add_image("samples", pixels, global_step=iteration,
+                                        dataformats="HWC")
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"iteration": iteration, "samples": wandb.Image(pixels)})
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
@@ -158,7 +180,7 @@ def _open_wandb(run_dir: Path, cfg: LoggingConfig, full_config: dict[str, Any]) 
                      mode=cfg.wandb_mode, dir=str(run_dir), config=full_config,
                      id=wandb_run_id(run_dir), resume="allow")
     run.define_metric("iteration")
-    for split in ("train", "valid"):
+    for split in ("train", "valid", "samples"):
         run.define_metric(f"{split}/*", step_metric="iteration")
     return run
 

@@ -10,6 +10,7 @@ interleaved 1F1B), its DDP reduces gradients (overlapped when configured) and it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -32,10 +33,15 @@ from megatron_t2i.distributed import destroy_distributed, init_distributed
 from megatron_t2i.model.freeze import FreezePlan, apply_freeze, count_parameters
 from megatron_t2i.model.gpt import build_model_chunks, params_dtype
 from megatron_t2i.platform import Platform, select_platform
-from megatron_t2i.training import checkpointing, faults
+from megatron_t2i.training import checkpointing, ema, faults
+from megatron_t2i.training.ema import EMA
 from megatron_t2i.training.flops import flops_per_iteration
 from megatron_t2i.training.loss import masked_loss, present_losses, reduce_reports
+from megatron_t2i.training.loss_plot import write_loss_plot
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
+from megatron_t2i.training.plots import PlotError
+from megatron_t2i.training.sampling import TrainingSampler
+from megatron_t2i.training.zloss import reduce_z_loss, z_loss_func
 
 
 class Trainer:
@@ -69,10 +75,12 @@ class Trainer:
         self.chunks = build_model_chunks(cfg, self.padded_vocab_size, self.platform.is_cuda)
         self._build_engine()
         self.scheduler = self._scheduler()
+        self.ema = EMA(self.chunks, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self._maybe_resume()
         self.throughput = self._throughput()
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(),
                                      is_writer=self._is_writer())
+        self.sampler = TrainingSampler(cfg, self.data.layout, self.run_dir)
         self._log_startup()
 
     def _build_engine(self) -> None:
@@ -181,9 +189,15 @@ class Trainer:
         if folder is None:
             self._maybe_load_pretrained()
             return
+        with_ema = self.ema is not None and checkpointing.read_meta(folder).get("has_ema")
+        extras = {ema.KEY: self.ema.sharded_state_dict(self.chunks)} if with_ema else None
         state, _ = checkpointing.load_checkpoint(
             folder, self.chunks, self.optimizer, self.scheduler, self.data.layout,
-            self.padded_vocab_size, verify=self.cfg.checkpoint.verify_checksums)
+            self.padded_vocab_size, verify=self.cfg.checkpoint.verify_checksums, extras=extras)
+        if with_ema:
+            self.ema.load(self.chunks, extras[ema.KEY])
+        elif self.ema is not None:  # a checkpoint without an average starts from its weights
+            self.ema = EMA(self.chunks, self.ema.decay)
         self.iteration, self.consumed_samples = state.iteration, state.consumed_samples
         self.data.set_consumed_samples(self.consumed_samples)
         self._print(f"resumed from {folder} at iteration {self.iteration} "
@@ -217,6 +231,8 @@ class Trainer:
             self._stop_after_too_many_skips()
             if cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0:
                 self.metrics.log_eval(self.iteration, self.evaluate())
+            if self.sampler.due(self.iteration, final=False):
+                self.sample()
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
             if cfg.train.exit_interval and self.iteration % cfg.train.exit_interval == 0:
@@ -226,6 +242,8 @@ class Trainer:
                 self._stop_on_signal(signum)
         if cfg.checkpoint.save_at_end and not self._saved_at(self.iteration):
             self.save()
+        if self.iteration >= cfg.train.train_iters:
+            self._end_of_run_pictures()
         return last
 
     def train_step(self) -> dict[str, float]:
@@ -243,6 +261,8 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
+            if self.ema is not None:
+                self.ema.update(self.chunks)
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["skipped"] = 0.0 if ok else 1.0
         return out
@@ -298,6 +318,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation losses, of the EMA weights when train.ema_decay is set."""
+        with self._ema_weights():
+            return self._evaluate()
+
+    def _ema_weights(self):
+        return self.ema.applied(self.chunks) if self.ema is not None else contextlib.nullcontext()
+
+    def _evaluate(self) -> dict[str, float]:
         for m in self.model:
             m.eval()
         reports = []
@@ -324,26 +352,52 @@ class Trainer:
 
     def _forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
         batch = next(data_iterator)
+        z_weight = self.cfg.train.z_loss_weight
         output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                       attention_mask=None, labels=batch["labels"])
+                       attention_mask=None, labels=None if z_weight else batch["labels"])
+        if z_weight:  # the model returns vocab-parallel logits; training/zloss.py
+            return output, functools.partial(z_loss_func, labels=batch["labels"],
+                                             loss_mask=batch["loss_mask"],
+                                             modality=batch["modality"], weight=z_weight)
         return output, functools.partial(masked_loss, loss_mask=batch["loss_mask"],
                                          modality=batch["modality"])
 
     def _reduce_on_last_stage(self, reports: list[dict]) -> dict[str, float]:
         """Loss means over the global batch, broadcast from the last pipeline stage."""
-        values = torch.zeros(6, dtype=torch.float64)
+        values = torch.zeros(7, dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             means = reduce_reports(reports, parallel_state.get_data_parallel_group())
             values = torch.tensor([means["loss"], means["loss_text"], means["loss_image"],
                                    means["loss_tokens"], means["loss_text_tokens"],
-                                   means["loss_image_tokens"]], dtype=torch.float64)
+                                   means["loss_image_tokens"],
+                                   reduce_z_loss(reports, parallel_state.get_data_parallel_group())
+                                   ], dtype=torch.float64)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             values = values.to(self.platform.device())
             dist.broadcast(values, last, group=parallel_state.get_pipeline_model_parallel_group())
         keys = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
-                "loss_image_tokens")
-        return present_losses(dict(zip(keys, values.cpu().tolist())))
+                "loss_image_tokens", "z_loss")
+        out = present_losses(dict(zip(keys, values.cpu().tolist())))
+        if not self.cfg.train.z_loss_weight:
+            out.pop("z_loss", None)
+        return out
+
+    # ---- samples --------------------------------------------------------------------------
+    def sample(self) -> dict[str, float] | None:
+        """A round of samples of the fixed captions (training/sampling.py)."""
+        with self._ema_weights():
+            return self.sampler.run(self.chunks[0], self.iteration, self.metrics,
+                                    self._is_writer())
+
+    def _end_of_run_pictures(self) -> None:
+        if self.sampler.due(self.iteration, final=True):
+            self.sample()
+        if self._is_writer():
+            try:
+                self._print(f"loss plot {write_loss_plot(self.run_dir)}")
+            except PlotError as e:  # a damaged metrics.jsonl must not fail a finished run
+                self._print(f"no loss plot: {e}")
 
     # ---- logging and saving --------------------------------------------------------------
     def _log_train(self, report: dict[str, float], elapsed: float) -> None:
@@ -356,11 +410,12 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"config": self.cfg.to_dict(), "vocab": self.data.layout.to_dict(),
-                "padded_vocab_size": self.padded_vocab_size}
+                "padded_vocab_size": self.padded_vocab_size, "has_ema": self.ema is not None}
         state = checkpointing.TrainState(self.iteration, self.consumed_samples)
         folder = checkpointing.save_checkpoint(
             self.cfg.checkpoint_dir, state, self.chunks, self.optimizer, self.scheduler, meta,
-            save_optimizer=self.cfg.checkpoint.save_optimizer)
+            save_optimizer=self.cfg.checkpoint.save_optimizer,
+            extras={ema.KEY: self.ema.sharded_state_dict(self.chunks)} if self.ema else None)
         self._last_save = self.iteration
         self._print(f"saved checkpoint {folder}")
 
