@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, read_metrics, run_train
 
+from megatron_t2i.config import load_config
+from megatron_t2i.data.dataset import split_documents
+from megatron_t2i.data.loader import document_split_seed
 from megatron_t2i.eval.forgetting import read_choice_task
 from megatron_t2i.study.english import build_english_corpus, continuation_task
 from megatron_t2i.study.pipeline import Step, StudyError, run_steps
@@ -38,6 +41,34 @@ def test_continuation_task_is_a_readable_choice_task(tmp_path):
     for p in parsed:
         whole = f"{p.context} {p.choices[p.answer]}"
         assert whole in corpus.held_out + corpus.train[:200]
+
+
+def test_the_study_split_does_not_change_with_train_seed():
+    splits = []
+    for seed in (1, 2, 1234):
+        cfg = load_config(REPO / "configs/mini_study/t2i.yaml", [f"train.seed={seed}"])
+        assert cfg.data.split_seed is not None  # the study's configs fix it
+        splits.append(split_documents(500, cfg.data.split, document_split_seed(cfg)))
+    for train, valid, test in splits:
+        assert not (set(train) & set(valid) or set(train) & set(test) or set(valid) & set(test))
+        assert len(train) + len(valid) + len(test) == 500
+    for other in splits[1:]:
+        assert all((x == y).all() for x, y in zip(splits[0], other))
+    # without data.split_seed the split follows train.seed (the trainer's default)
+    a, b = (load_config(None, [f"train.seed={s}"]) for s in (1, 2))
+    assert not (split_documents(500, "90,5,5", document_split_seed(a))[1]
+                == split_documents(500, "90,5,5", document_split_seed(b))[1]).all()
+
+
+def test_validation_at_step_zero_and_listed_iterations(tmp_path, corpus_dir):
+    run = tmp_path / "run"
+    run_train(run, corpus_dir, overrides=["train.train_iters=3", "train.eval_at=[0,2]",
+                                          "checkpoint.save_at=[1]", "data.split_seed=0"])
+    assert [r["iteration"] for r in read_metrics(run, "valid")] == [0, 2]
+    train = read_metrics(run)
+    assert all(r["loss_tokens"] > 0 for r in train)  # real tokens: the study's x axis
+    assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == \
+        ["iter_0000001", "iter_0000003"]
 
 
 def _py(code: str) -> tuple[str, ...]:
