@@ -55,6 +55,7 @@ def test_a_clear_difference_contradicts_equivalence_and_reproduces_a_direction()
     assert verdict(LOWER, est) == "reproduced"
     assert verdict(Claim("greater"), est) == "contradicted"
     assert verdict(NOT_BETTER, est) == "contradicted"
+    assert verdict(Claim("not_greater"), est) == "reproduced"
 
 
 def test_a_clear_equivalence_is_reproduced_by_tost():

@@ -58,9 +58,10 @@ class Claim:
 
     kind "equivalent": |b - a| < margin (the curves track each other);
     kind "less": b - a < 0 (b lower); kind "greater": b - a > 0;
-    kind "not_less": b - a > -margin (b is not better than a by more than the margin).
+    kind "not_less": b - a > -margin (b is not lower than a by more than the margin);
+    kind "not_greater": b - a < margin (b is not higher than a by more than the margin).
     """
-    kind: Literal["equivalent", "less", "greater", "not_less"]
+    kind: Literal["equivalent", "less", "greater", "not_less", "not_greater"]
     margin: float = MARGIN_NATS
     text: str = ""
 
@@ -146,7 +147,7 @@ def verdict(claim: Claim, est: Estimate) -> Verdict:
     less / greater: reproduced when the 95% interval lies entirely on the claimed side of 0,
         contradicted when entirely on the other side.
     not_less: reproduced when the 95% interval lies above -margin; contradicted when it lies
-        entirely below -margin (b better than a by more than the margin).
+        entirely below -margin (b lower than a by more than the margin); not_greater mirrors it.
     """
     m, lo, hi = claim.margin, est.ci_low, est.ci_high
     if claim.kind == "equivalent":
@@ -159,6 +160,8 @@ def verdict(claim: Claim, est: Estimate) -> Verdict:
         return "reproduced" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
     if claim.kind == "not_less":
         return "reproduced" if lo > -m else "contradicted" if hi < -m else "inconclusive"
+    if claim.kind == "not_greater":
+        return "reproduced" if hi < m else "contradicted" if lo > m else "inconclusive"
     raise ValueError(f"unknown claim kind {claim.kind!r}")
 
 
