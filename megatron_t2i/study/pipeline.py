@@ -64,7 +64,7 @@ QUICK = Scale("quick", DataScale("fashion", {"train": 2000, "valid": 200, "test"
               seeds=(1, 2), lm_iters=150, t2i_iters=60, eval_points=6, align_steps=150,
               frozen=("transformer",))
 FULL = Scale("full", DataScale("fashion", {"train": 6000, "valid": 500, "test": 500},
-                               None, vqvae_steps=1500),
+                               3_000_000, vqvae_steps=1500),
              seeds=(1, 2, 3), lm_iters=1200, t2i_iters=300, eval_points=10, align_steps=600,
              frozen=("attention", "mlp", "transformer"))
 
