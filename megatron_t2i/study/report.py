@@ -282,6 +282,7 @@ def build_summary(out: Path, data: StudyData, scale: Scale, steps: list[Step],
         "data": data.facts,
         "curves": {arm: {str(s): c for s, c in per_seed.items()}
                    for arm, per_seed in curves.items()},
+        "curves_lm_tokens": read_curve(out / "runs" / "lm")["tokens"][-1],
         "forgetting": _forgetting_table(out, scale),
         "alignment": {kind: {str(s): {k: v for k, v in _alignment(out, kind, s).items()
                                       if k != "retrieval_items"} for s in scale.seeds}
@@ -469,12 +470,31 @@ def render_report(summary: dict[str, Any]) -> str:
         "Caption words in the LM's text (occurrences): "
         + ", ".join(f"{w} {n}" for w, n in d.get("caption_words_in_lm_text", {}).items())
         + ".", ""]
+    lines += _limits(summary)
     lines += [f"![{caption}]({name})\n\n*{caption}.*\n" for name, caption in FIGURES.items()]
     lines += _forgetting_lines(summary)
     lines += ["## Steps", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in summary["step_seconds"].items()]
     lines += ["", "The commands of every step are in summary.json (`commands`).", ""]
     return "\n".join(lines) + "\n"
+
+
+def _limits(summary: dict) -> list[str]:
+    """What this scale can and cannot show, from the measured sizes."""
+    c = summary["curves"]
+    lm_tokens = summary["curves_lm_tokens"]
+    t2i = np.mean([r["tokens"][-1] for r in c["t2i_pretrained"].values()])
+    return ["## What this scale can show", "",
+            f"- Text-to-image training sees {t2i:,.0f} real tokens, "
+            f"{100 * t2i / max(lm_tokens, 1):.0f}% of the LM's own pretraining tokens "
+            f"({lm_tokens:,.0f}); the paper's is about 6%. Forgetting and the fading caption "
+            f"advantage are measured at this other ratio, not the paper's.",
+            f"- {summary['seeds']} seeds per arm: a t interval over {summary['seeds']} seeds "
+            f"has {summary['seeds'] - 1} degree(s) of freedom, so equivalence within "
+            f"+-{summary['margin_nats']} nats can rarely be shown; inconclusive verdicts say "
+            f"the data cannot decide, not that the arms are the same.",
+            "- A 4-layer, 128-wide GPT and a small VQ autoencoder: the paper's 1B model and "
+            "MoVQGAN codes differ in kind as well as size.", ""]
 
 
 def _forgetting_lines(summary: dict) -> list[str]:
