@@ -159,3 +159,31 @@ def test_codes_round_trip_through_the_token_files(trained, shapes, tmp_path):
         assert doc[start + 256] == layout.eoi_id
         assert doc[1:start - 1] == text.encode(shapes.captions[i])
         assert np.array_equal(layout.image_code(image_tokens), expected[i].reshape(-1))
+
+
+def test_train_vqvae_tool_prints_figures_and_reuses(shapes, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_vqvae", Path(__file__).resolve().parents[1] / "tools/train_vqvae.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, image in enumerate(shapes.images[:8]):
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "caption": shapes.captions[i]}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "vq.safetensors"),
+            "--steps", "3", "--batch-size", "4", "--codebook-size", "16"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out
+    first = json.loads(out[out.index("{\n"):])  # the figures, after the step lines
+    assert not first["reused"] and first["train_images"] == 8
+    assert first["used_codes"] + first["dead_codes"] == 16
+    assert 0 < first["reconstruction_mse_train"] < 1 and first["codebook_perplexity"] >= 1
+    assert tool.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["reused"]
+    with pytest.raises(SystemExit) as e:
+        tool.main(argv[:3] + [str(tmp_path / "vq.pt")])
+    assert e.value.code == 2
