@@ -60,10 +60,11 @@ def test_mosaics_are_real_items_with_matching_captions(items, mosaics):
         for r in records:
             pixels = np.asarray(Image.open(mosaics / r["image"]))
             assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
-            assert 1 <= len(r["sources"]) <= 4
+            assert 1 <= len(r["sources"]) <= 2  # max_items
             for item in r["sources"]:
                 assert fashion.CLASS_NAMES[labels[item]] in r["caption"]
             assert r["caption"].count(" at the ") == len(r["sources"])
+    assert {len(r["sources"]) for r in _records(mosaics, "train")} == {1, 2}
     for r in _records(mosaics, "valid"):  # each filled cell is its source item, upscaled
         pixels = np.asarray(Image.open(mosaics / r["image"]))[:, :, 0]
         cells = [pixels[y:y + 32, x:x + 32] for y in (0, 32) for x in (0, 32)]

@@ -11,9 +11,12 @@ Fashion-MNIST (70,000 grey 28x28 photographs of clothing, 10 classes) comes from
 package `dataset-fashion-mnist`, installed with apt-get when missing and run as root.
 
 A mosaic is a grid x grid layout of cells (2x2 by default), each cell either empty (black) or
-one Fashion-MNIST item upscaled to fill it; at least one cell is filled. Its caption names
-every filled cell in row-major order: "a sandal at the top left and a coat at the bottom
-right". The corpus is split **by source item** before any mosaic is drawn: the 70,000 items
+one Fashion-MNIST item upscaled to fill it: 1 to `max_items` cells (2 by default; the number
+and the cells drawn uniformly) are filled. Its caption names every filled cell in row-major
+order: "a sandal at the top left and a coat at the bottom right". At most two items keep the
+captions short (about 11 tokens with a 4096-piece text tokenizer, 17 with 1024), so the
+256 codes of a 16x16 image outnumber the caption's tokens as in the paper (1024 codes to
+about 30 caption tokens); four items would make it about 6:1. The corpus is split **by source item** before any mosaic is drawn: the 70,000 items
 are shuffled with the corpus's own `seed` (never a training seed) and cut into one disjoint
 pool per split, so no photograph appears in two splits. `count_split_duplicates` checks it
 on the written files.
@@ -43,9 +46,8 @@ CLASS_NAMES = ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a co
                "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot")
 _ROWS = {1: ("",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 _COLS = {1: ("",), 2: ("left", "right"), 3: ("left", "centre", "right")}
-EMPTY_CELL = 0.3  # chance that a cell stays empty
 SPLITS = ("train", "valid", "test")
-_FORMAT = 1  # bump when the mosaics or captions change, so caches are rebuilt
+_FORMAT = 2  # bump when the mosaics or captions change, so caches are rebuilt
 
 
 def ensure_fashion_mnist() -> Path:
@@ -105,17 +107,19 @@ def caption(labels: list[int | None], grid: int) -> str:
 
 
 def build_mosaic_corpus(out_dir: Path, *, counts: dict[str, int], image_size: int = 64,
-                        grid: int = 2, seed: int = 0) -> dict[str, Any]:
+                        grid: int = 2, seed: int = 0, max_items: int = 2) -> dict[str, Any]:
     """Write `out_dir/{split}.jsonl` and the PNGs; returns the mosaic counts per split, the
     source items each split uses, and `split_duplicates` (must be 0)."""
     if grid not in _ROWS or image_size % grid:
         raise ValueError(f"mosaic grid={grid} (1, 2 or 3) must divide image_size={image_size}")
+    if not 1 <= max_items <= grid * grid:
+        raise ValueError(f"mosaic max_items={max_items}: expected 1 to {grid * grid}")
     if set(counts) - set(SPLITS) or any(n < 0 for n in counts.values()):
         raise ValueError(f"mosaic counts {counts}: expected splits among {SPLITS}, each >= 0")
     out_dir = Path(out_dir)
     folder = ensure_fashion_mnist()
     params = {"counts": counts, "image_size": image_size, "grid": grid, "seed": seed,
-              "format": _FORMAT, "source": _source_identity(folder)}
+              "max_items": max_items, "format": _FORMAT, "source": _source_identity(folder)}
     manifest = out_dir / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
         return json.loads(manifest.read_text())["facts"]
@@ -125,7 +129,7 @@ def build_mosaic_corpus(out_dir: Path, *, counts: dict[str, int], image_size: in
     for split, n in counts.items():
         rng = np.random.default_rng([seed, SPLITS.index(split), 0x3051])
         records = _write_split(out_dir, split, n, pools[split], images, labels, image_size,
-                               grid, rng)
+                               grid, max_items, rng)
         facts["mosaics"][split] = len(records)
         facts["source_items"][split] = len({i for r in records for i in r["sources"]})
     facts["split_duplicates"] = count_split_duplicates(out_dir)
@@ -139,7 +143,7 @@ def _source_identity(folder: Path) -> dict[str, int]:
 
 
 def _write_split(out_dir: Path, split: str, n: int, pool: np.ndarray, images: np.ndarray,
-                 labels: np.ndarray, image_size: int, grid: int,
+                 labels: np.ndarray, image_size: int, grid: int, max_items: int,
                  rng: np.random.Generator) -> list[dict]:
     from PIL import Image
 
@@ -148,9 +152,8 @@ def _write_split(out_dir: Path, split: str, n: int, pool: np.ndarray, images: np
     queue = iter(())
     records = []
     for k in range(n):
-        filled = rng.random(grid * grid) >= EMPTY_CELL
-        if not filled.any():
-            filled[rng.integers(grid * grid)] = True
+        filled = np.zeros(grid * grid, bool)
+        filled[rng.choice(grid * grid, int(rng.integers(1, max_items + 1)), replace=False)] = True
         canvas = np.zeros((image_size, image_size), np.uint8)
         sources: list[int] = []
         cell_labels: list[int | None] = []
