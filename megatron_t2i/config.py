@@ -88,6 +88,12 @@ class DataConfig:
     image_vocab_size: int = 256  # VQ codebook size
     image_tokens_per_sample: int = 64
     split: str = "90,5,5"  # train, valid, test weights over documents
+    # Seed of the document split; None: train.seed. Set it to compare seeds on one fixed
+    # validation set (the mini-study does).
+    split_seed: Optional[int] = None
+    # A prefix used whole as the validation set instead of data_path's valid split (a corpus
+    # split by source item into its own files); data.split then usually gives train 100.
+    valid_data_path: Optional[str] = None
     loss_on_captions: bool = True
     # synthetic demo corpus
     synthetic_samples: int = 3000
@@ -120,6 +126,8 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: Optional[int] = None  # None: no validation during training
     eval_iters: int = 2
+    # Validate also at these iterations (0: before the first step), e.g. log-spaced points.
+    eval_at: list[int] = dataclasses.field(default_factory=list)
     exit_interval: Optional[int] = None  # save and exit once iteration % exit_interval == 0
     precision: Literal["fp32", "bf16"] = "fp32"
     fp8: Optional[Literal["hybrid", "e4m3"]] = None  # needs Transformer Engine on a GPU
@@ -167,6 +175,7 @@ class DeepSpeedConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     save_interval: Optional[int] = None  # None: save only at the end
+    save_at: list[int] = dataclasses.field(default_factory=list)  # also save at these iterations
     save_at_end: bool = True
     dir: Optional[str] = None  # None: <train.run_dir>/checkpoints
     resume: bool = True  # resume from <dir>/latest when it exists

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sentencepiece .model or tokenizer.json (default: the run's)")
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--text-window", type=int, default=None,
+                        help="tokens per held-out window (default: the model's seq_length)")
+    parser.add_argument("--per-item", action="store_true",
+                        help="also each held-out window's loss (for intervals over items)")
     args = parser.parse_args(argv)
     if not (args.text_file or args.prompts or args.task):
         parser.error("nothing to evaluate: give --text-file, --prompts and/or --task")
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: evaluate_forgetting(
             args.checkpoint, args.tp, args.pp, args.text_file, args.prompts, tuple(args.task),
             args.text_tokenizer, args.max_new_tokens, args.completions_out,
-            args.micro_batch_size),
+            args.micro_batch_size, args.per_item, args.text_window),
         lambda report: print_report(report, args.out))
 
 

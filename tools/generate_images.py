@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--text-tokenizer", default=None, help="default: the run's")
     parser.add_argument("--image-tokenizer", default=None,
-                        help="KMeansPatchVQ .npz or MoVQGAN checkpoint (default: the run's)")
-    parser.add_argument("--image-tokenizer-kind", default=None, choices=["kmeans", "movqgan"])
+                        help="KMeansPatchVQ .npz, VQ-VAE .safetensors or MoVQGAN checkpoint "
+                             "(default: the run's)")
+    parser.add_argument("--image-tokenizer-kind", default=None,
+                        choices=["kmeans", "movqgan", "vqvae"])
     parser.add_argument("--no-kv-cache", action="store_true",
                         help="recompute the whole sequence every step (slow; a reference)")
     args = parser.parse_args(argv)

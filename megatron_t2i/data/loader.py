@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -172,7 +173,7 @@ def build_datasets(cfg: Config, sources: list[Source], layout: VocabLayout,
         indexed = open_indexed(src.prefix, layout, mine=f"{sources[0].prefix}.vocab.json"
                                if src is not sources[0] else "the training config")
         train_ids, valid_ids, _ = split_documents(len(indexed), cfg.data.split,
-                                                  seed=cfg.train.seed)
+                                                  seed=document_split_seed(cfg))
         trains.append(_dataset(cfg, src, indexed, layout, train_ids, training=True))
         valids.append(_dataset(cfg, src, indexed, layout, valid_ids, training=False))
         if len(trains[-1]) < min_samples:
@@ -184,10 +185,24 @@ def build_datasets(cfg: Config, sources: list[Source], layout: VocabLayout,
     kept = [(v, w) for v, w in zip(valids, weights) if len(v)]
     valid = valids[0] if len(valids) == 1 else \
         BlendedDataset(*zip(*kept), seed=cfg.train.seed) if kept else valids[0]
+    if cfg.data.valid_data_path:
+        valid = _whole_prefix(cfg, cfg.data.valid_data_path, layout)
     if len(valid) < min_samples:
         raise ConfigError(f"data.split={cfg.data.split!r} leaves {len(valid)} valid samples, "
                           f"fewer than one step of micro_batch_size x DP = {min_samples}")
     return train, valid
+
+
+def _whole_prefix(cfg: Config, prefix: str, layout: VocabLayout) -> Dataset:
+    """Every document of `prefix` (data.valid_data_path), checked like the training files."""
+    indexed = open_indexed(prefix, layout, mine="data.valid_data_path")
+    src = Source(prefix, None, read_sidecar(prefix))
+    return _dataset(cfg, src, indexed, layout, np.arange(len(indexed)), training=False)
+
+
+def document_split_seed(cfg: Config) -> int:
+    """The seed of the train/valid/test document split: data.split_seed, else train.seed."""
+    return cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
 def _dataset(cfg: Config, src: Source, indexed, layout: VocabLayout, ids,

@@ -140,16 +140,16 @@ def choice_accuracy(chunks: list[torch.nn.Module], items: list[ChoiceItem],
             ctx, cont = continuation_ids(tokenizer, item.context, choice)
             samples.append(choice_sample(ctx, cont, layout, seq_length))
     logliks = choice_logliks(chunks, samples, micro_batch_size, device)
-    acc = acc_norm = 0
+    correct, correct_norm = [], []
     start = 0
     for item in items:
         scores = logliks[start:start + len(item.choices)]
         lengths = np.array([max(1, len(c.encode("utf-8"))) for c in item.choices])
-        acc += int(np.argmax(scores)) == item.answer
-        acc_norm += int(np.argmax(scores / lengths)) == item.answer
+        correct.append(int(int(np.argmax(scores)) == item.answer))
+        correct_norm.append(int(int(np.argmax(scores / lengths)) == item.answer))
         start += len(item.choices)
-    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items),
-            "num_items": len(items)}
+    return {"acc": sum(correct) / len(items), "acc_norm": sum(correct_norm) / len(items),
+            "num_items": len(items), "correct": correct}  # per item: for intervals
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -168,9 +168,13 @@ def evaluate_forgetting(checkpoint: str | Path, tp: int = 1, pp: int = 1,
                         tasks: tuple[str | Path, ...] = (),
                         text_tokenizer: str | Path | None = None, max_new_tokens: int = 32,
                         completions_out: str | Path | None = None,
-                        micro_batch_size: int | None = None) -> dict[str, Any]:
+                        micro_batch_size: int | None = None,
+                        per_item: bool = False,
+                        text_window: int | None = None) -> dict[str, Any]:
     """The JSON report of tools/eval_forgetting.py (every rank returns it; rank 0 writes the
-    completions jsonl)."""
+    completions jsonl). `per_item` adds each held-out window's loss (one more pass);
+    `text_window` cuts the held-out text into windows of that many tokens (default: the
+    model's seq_length), so models of other sequence lengths see the same windows."""
     from megatron_t2i.eval import loading
     from megatron_t2i.eval.generate import complete_text
     from megatron_t2i.eval.perplexity import modality_perplexity, text_file_samples
@@ -185,9 +189,14 @@ def evaluate_forgetting(checkpoint: str | Path, tp: int = 1, pp: int = 1,
     seq = cfg.model.seq_length
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "tp": tp, "pp": pp}
     if text_file is not None:
-        samples = text_file_samples(text_file, tokenizer, layout, seq)
+        samples = text_file_samples(text_file, tokenizer, layout, text_window or seq)
         report["text_perplexity"] = dict(modality_perplexity(chunks, samples, mbs, device),
                                          file=str(text_file))
+        if per_item:  # each window's summed loss and token count, for intervals over items
+            report["text_perplexity"]["window_loss_sums"] = \
+                (-choice_logliks(chunks, samples, mbs, device)).tolist()
+            report["text_perplexity"]["window_tokens"] = \
+                [int(x["loss_mask"].sum()) for x in samples]
     for task in tasks:
         items = read_choice_task(task)
         report.setdefault("tasks", {})[Path(task).stem] = choice_accuracy(

@@ -120,8 +120,9 @@ def text_tokenizer_for(cfg: Config, path: str | Path | None = None) -> TextToken
 
 def image_tokenizer_for(cfg: Config, kind: str | None = None,
                         path: str | Path | None = None) -> ImageTokenizer:
-    """The given image tokenizer (kind 'kmeans' for a KMeansPatchVQ .npz, 'movqgan'), else the
-    run's, as for text_tokenizer_for."""
+    """The given image tokenizer (kind 'kmeans' for a KMeansPatchVQ .npz, 'vqvae' for a
+    .safetensors with a .json beside it, 'movqgan'), else the run's, as for
+    text_tokenizer_for."""
     from megatron_t2i.tokenizers import factory
 
     if path is not None:
@@ -134,6 +135,8 @@ def image_tokenizer_for(cfg: Config, kind: str | None = None,
 
 
 def _image_kind(path: Path) -> str:
+    if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
+        return "vqvae"  # tokenizers/vqvae.py keeps its config beside the weights
     return "kmeans" if path.suffix == ".npz" else "movqgan"
 
 

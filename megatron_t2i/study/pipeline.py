@@ -7,15 +7,18 @@ tools/contrastive_align.py, tools/eval_forgetting.py), run as a subprocess with 
 `<out>/logs/<step>.log`; steps whose inputs are ready run side by side (`jobs` at a time,
 the cores shared out between them). The steps:
 
-    lm                  pretrain the small LM on English prose (configs/mini_study/lm.yaml)
-    grow                vocabulary surgery: + 256 image codes, <boi>, <eoi> (init normal)
-    align, grow_aligned contrastive alignment of the image codes to the LM's text table;
-                        surgery with those rows (init file)
-    t2i_pretrained, t2i_random, t2i_aligned                          Figures 3 and 4
-    uncond_pretrained, uncond_random, uncond_frozen_{attention,mlp,transformer}   Figure 6
-    eval_lm, eval_t2i_pretrained, eval_t2i_random                    Table 1 (forgetting)
+    lm, lm_shuffled     pretrain the small LM on English (and on the same words shuffled)
+    grow, grow_shuffled vocabulary surgery: + 256 image codes, <boi>, <eoi>
+    per seed s (runs/<arm>/s<s>):
+      t2i_pretrained, t2i_random                           Figures 3, 4; Table 1
+      t2i_shuffled                                         control: warm start vs language
+      t2i_pretrained_c64, t2i_random_c64                   control: 64 vs 256 codes per image
+      uncond_pretrained, uncond_random, uncond_frozen_*    Figure 6
+      align_lm, align_random (+ random_table)              Figure 7 and its control
+      eval_*: forgetting at 5%, 25% and 100% of text-to-image training (Table 1)
 
-then report.py writes report.md, summary.json and the figures.
+Every arm of a compared pair runs with the same seeds; validation is on a fixed held-out
+file at step 0 and at log-spaced iterations; report.py then computes the verdicts.
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from megatron_t2i.study.data import CODEBOOK_SIZE, StudyData, prepare_study_data
+import numpy as np
+
+from megatron_t2i.study.data import CODEBOOK_SIZE, DataScale, StudyData, prepare_study_data
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "mini_study"
+FORGETTING_POINTS = (0.05, 0.25, 1.0)  # fractions of text-to-image training
+TEXT_WINDOW = 128  # held-out English windows: the LM's sequence length, for every model
 
 
 class StudyError(RuntimeError):
@@ -41,21 +48,44 @@ class StudyError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    """How much of everything: the quick mode (under 10 minutes on two cores) or the full."""
+    """How much of everything: the quick mode (under 10 minutes on two idle cores) or full."""
     name: str
-    english_chars: int | None  # None: every prose paragraph of the stdlib's docstrings
-    pairs: int
+    data: DataScale
+    seeds: tuple[int, ...]
     lm_iters: int
     t2i_iters: int
-    eval_points: int  # validations per run
+    eval_points: int  # log-spaced validations per run, besides step 0
     align_steps: int
-    text_vocab_size: int = 1024
+    frozen: tuple[str, ...]  # model.freeze groups of the unconditional frozen arms
 
 
-QUICK = Scale("quick", english_chars=None, pairs=4000, lm_iters=200, t2i_iters=100,
-              eval_points=10, align_steps=150)
-FULL = Scale("full", english_chars=None, pairs=4000, lm_iters=1500, t2i_iters=600,
-             eval_points=20, align_steps=1000)
+QUICK = Scale("quick", DataScale("fashion", {"train": 2000, "valid": 200, "test": 200},
+                                 300_000, vqvae_steps=300),
+              seeds=(1, 2), lm_iters=150, t2i_iters=60, eval_points=6, align_steps=150,
+              frozen=("transformer",))
+FULL = Scale("full", DataScale("fashion", {"train": 6000, "valid": 500, "test": 500},
+                               3_000_000, vqvae_steps=1500),
+             seeds=(1, 2, 3), lm_iters=1200, t2i_iters=300, eval_points=10, align_steps=600,
+             frozen=("attention", "mlp", "transformer"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One kind of text-to-image or unconditional run (run once per seed)."""
+    name: str
+    tokens: str  # "t2i" or "uncond"
+    start: str | None  # the grown checkpoint step it starts from; None: random init
+    codes: int = 256
+    frozen: tuple[str, ...] = ()
+
+
+def arms(scale: Scale) -> list[Arm]:
+    return [Arm("t2i_pretrained", "t2i", "grow"), Arm("t2i_random", "t2i", None),
+            Arm("t2i_shuffled", "t2i", "grow_shuffled"),
+            Arm("t2i_pretrained_c64", "t2i", "grow", codes=64),
+            Arm("t2i_random_c64", "t2i", None, codes=64),
+            Arm("uncond_pretrained", "uncond", "grow"), Arm("uncond_random", "uncond", None),
+            *[Arm(f"uncond_frozen_{g}", "uncond", "grow", frozen=(g,)) for g in scale.frozen]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,73 +96,142 @@ class Step:
     outputs: str = ""  # the folder or file the step writes (reused if the step is done)
 
 
-T2I_RUNS = {  # run name -> (token files, start, frozen groups)
-    "t2i_pretrained": ("t2i", "grow", ()),
-    "t2i_random": ("t2i", None, ()),
-    "t2i_aligned": ("t2i", "grow_aligned", ()),
-    "uncond_pretrained": ("uncond", "grow", ()),
-    "uncond_random": ("uncond", None, ()),
-    "uncond_frozen_attention": ("uncond", "grow", ("attention",)),
-    "uncond_frozen_mlp": ("uncond", "grow", ("mlp",)),
-    "uncond_frozen_transformer": ("uncond", "grow", ("transformer",)),
-}
-FORGETTING = {"eval_lm": "grow", "eval_t2i_pretrained": "t2i_pretrained",
-              "eval_t2i_random": "t2i_random"}
+def eval_iterations(iters: int, points: int) -> list[int]:
+    """Step 0 and `points` log-spaced iterations up to the last one."""
+    spaced = np.unique(np.round(np.geomspace(1, iters, points)).astype(int))
+    return [0, *[int(i) for i in spaced]]
+
+
+def forgetting_iterations(iters: int) -> list[int]:
+    return sorted({max(1, round(f * iters)) for f in FORGETTING_POINTS})
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_s{seed}"
 
 
 def plan(out: Path, data: StudyData, scale: Scale) -> list[Step]:
-    """The study's steps, in the order they are started when their inputs are ready (the
-    longest chain first)."""
+    """The study's steps, in the order they are started when their inputs are ready."""
     py = sys.executable
-    train = (py, "-m", "megatron_t2i.train")
-    ckpt = {"grow": out / "checkpoints" / "lm_t2i",
-            "grow_aligned": out / "checkpoints" / "lm_t2i_aligned",
-            **{name: out / "runs" / name / "checkpoints" for name in T2I_RUNS}}
-    lm_ckpt = out / "runs" / "lm" / "checkpoints"
-    grow = (py, str(REPO / "tools" / "resize_vocab.py"), str(lm_ckpt))
-    steps = [
-        Step("lm", (*train, "--config", str(CONFIGS / "lm.yaml"),
-                    *_schedule(out / "runs" / "lm", scale.lm_iters, scale),
-                    f"data.data_path={data.text_prefix}"), outputs=str(lm_ckpt)),
-        Step("grow", (*grow, str(ckpt["grow"]), "--image-size", str(CODEBOOK_SIZE),
-                      "--init", "normal", "--overwrite"), ("lm",), str(ckpt["grow"])),
-        Step("align", (py, str(REPO / "tools" / "contrastive_align.py"), "--text-embeddings",
-                       str(lm_ckpt), "--data", data.t2i_prefix, "--out", str(out / "align"),
-                       "--text-tokenizer", str(data.text_tokenizer), "--steps",
-                       str(scale.align_steps), "--batch-size", "256", "--log-interval", "5"),
-             ("lm",), str(out / "align" / "image_rows.safetensors")),
-        Step("grow_aligned", (*grow, str(ckpt["grow_aligned"]), "--image-size",
-                              str(CODEBOOK_SIZE), "--init", "file", "--init-file",
-                              str(out / "align" / "image_rows.safetensors"), "--overwrite"),
-             ("align",), str(ckpt["grow_aligned"])),
-    ]
-    prefixes = {"t2i": data.t2i_prefix, "uncond": data.uncond_prefix}
-    for name, (tokens, start, frozen) in T2I_RUNS.items():
-        overrides = [*_schedule(out / "runs" / name, scale.t2i_iters, scale),
-                     f"data.data_path={prefixes[tokens]}", f"model.freeze=[{','.join(frozen)}]"]
-        if start is not None:
-            overrides.append(f"checkpoint.pretrained={ckpt[start]}")
-        steps.append(Step(name, (*train, "--config", str(CONFIGS / "t2i.yaml"), *overrides),
-                          (start,) if start else (), str(ckpt[name])))
-    for name, source in FORGETTING.items():
-        steps.append(Step(name, (
-            py, str(REPO / "tools" / "eval_forgetting.py"), "--checkpoint", str(ckpt[source]),
-            "--text-file", str(data.held_out), "--prompts", str(data.prompts),
-            "--task", str(data.choice_task), "--text-tokenizer", str(data.text_tokenizer),
-            "--max-new-tokens", "20", "--micro-batch-size", "16",
-            "--out", str(out / "eval" / f"{name}.json")), (source,),
-            str(out / "eval" / f"{name}.json")))
-    order = ["lm", "grow", "align", "grow_aligned", "eval_lm", "t2i_pretrained",
-             "t2i_aligned", "eval_t2i_pretrained", "t2i_random", "uncond_random",
-             "eval_t2i_random"]
-    return sorted(steps, key=lambda s: order.index(s.name) if s.name in order else len(order))
+    steps = _lm_steps(out, data, scale, py)
+    for seed in scale.seeds:
+        for arm in arms(scale):
+            steps.append(_arm_step(out, data, scale, arm, seed, py))
+        steps += _align_steps(out, data, scale, seed, py)
+        steps += _forgetting_steps(out, data, scale, seed, py)
+    steps.append(_eval_step(out, data, py, "eval_lm", "grow", checkpoint(out, "grow")))
+    first = ["lm", "grow", "eval_lm", "lm_shuffled", "grow_shuffled"]
+    return sorted(steps, key=lambda s: first.index(s.name) if s.name in first else len(first))
+
+
+def checkpoint(out: Path, step: str) -> Path:
+    """The checkpoint root a step writes."""
+    if step in ("grow", "grow_shuffled"):
+        return out / "checkpoints" / ("lm_t2i" if step == "grow" else "lm_shuffled_t2i")
+    return out / "runs" / step / "checkpoints"
+
+
+def _lm_steps(out: Path, data: StudyData, scale: Scale, py: str) -> list[Step]:
+    steps = []
+    for lm, prefix, grow in (("lm", data.text_prefix, "grow"),
+                             ("lm_shuffled", data.shuffled_prefix, "grow_shuffled")):
+        ckpt = checkpoint(out, lm)
+        steps.append(Step(lm, (py, "-m", "megatron_t2i.train", "--config",
+                               str(CONFIGS / "lm.yaml"),
+                               *_schedule(out / "runs" / lm, scale.lm_iters, scale),
+                               f"data.data_path={prefix}"), outputs=str(ckpt)))
+        steps.append(Step(grow, (py, str(REPO / "tools" / "resize_vocab.py"), str(ckpt),
+                                 str(checkpoint(out, grow)), "--image-size", str(CODEBOOK_SIZE),
+                                 "--init", "normal", "--overwrite"), (lm,),
+                          str(checkpoint(out, grow))))
+    return steps
+
+
+def _arm_step(out: Path, data: StudyData, scale: Scale, arm: Arm, seed: int, py: str) -> Step:
+    name = run_name(arm.name, seed)
+    prefix = data.t2i if arm.tokens == "t2i" else lambda _codes, split: data.uncond(split)
+    caption_room = 37 if arm.tokens == "t2i" else 0  # [bos] caption <boi> codes <eoi>
+    overrides = [*_schedule(out / "runs" / name, scale.t2i_iters, scale),
+                 f"train.seed={seed}", f"data.data_path={prefix(arm.codes, 'train')}",
+                 f"data.valid_data_path={prefix(arm.codes, 'valid')}", "data.split=100,0,0",
+                 f"data.image_tokens_per_sample={arm.codes}",
+                 f"model.seq_length={arm.codes + 3 + caption_room}",
+                 f"model.freeze=[{','.join(arm.frozen)}]", "checkpoint.save_optimizer=false"]
+    if arm.name.startswith("t2i_pretrained"):  # forgetting is measured along the way
+        overrides.append(f"checkpoint.save_at=[{','.join(map(str, forgetting_iterations(scale.t2i_iters)))}]")
+    if arm.start is not None:
+        overrides.append(f"checkpoint.pretrained={checkpoint(out, arm.start)}")
+    return Step(name, (py, "-m", "megatron_t2i.train", "--config", str(CONFIGS / "t2i.yaml"),
+                       *overrides), (arm.start,) if arm.start else (),
+                str(checkpoint(out, name)))
 
 
 def _schedule(run_dir: Path, iters: int, scale: Scale) -> list[str]:
-    every = max(1, iters // scale.eval_points)
+    points = eval_iterations(iters, scale.eval_points)
+    # log_interval 1: every step's count of real (non-padding) target tokens is logged, the
+    # study's x axis
     return [f"train.run_dir={run_dir}", f"train.train_iters={iters}",
-            f"train.eval_interval={every}", f"train.log_interval={max(1, every // 2)}",
-            f"optim.lr_warmup_iters={max(1, iters // 20)}"]
+            "train.eval_interval=null", f"train.eval_at=[{','.join(map(str, points))}]",
+            "train.log_interval=1", f"optim.lr_warmup_iters={max(1, iters // 20)}"]
+
+
+def _align_steps(out: Path, data: StudyData, scale: Scale, seed: int, py: str) -> list[Step]:
+    """Contrastive alignment of the image codes to the LM's text table, and (the control) to
+    a random table of the same shape, mean and spread."""
+    table = out / "align" / f"random_table_s{seed}.safetensors"
+    make = ("from megatron_t2i.study.pipeline import write_random_table; import sys; "
+            "write_random_table(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+    steps = [Step(f"random_table_s{seed}", (py, "-c", make, str(checkpoint(out, "lm")),
+                                            str(table), str(seed)), ("lm",), str(table))]
+    for name, source, need in (("align_lm", checkpoint(out, "lm"), "lm"),
+                               ("align_random", table, f"random_table_s{seed}")):
+        folder = out / "align" / run_name(name, seed)
+        steps.append(Step(run_name(name, seed), (
+            py, str(REPO / "tools" / "contrastive_align.py"), "--text-embeddings", str(source),
+            "--data", data.t2i(256, "train"), "--out", str(folder), "--text-tokenizer",
+            str(data.text_tokenizer), "--steps", str(scale.align_steps), "--batch-size", "256",
+            "--log-interval", "10", "--seed", str(seed)), (need,),
+            str(folder / "image_rows.safetensors")))
+    return steps
+
+
+def write_random_table(lm_checkpoint: str, path: str, seed: int) -> None:
+    """A Gaussian table with the LM text table's shape, mean and standard deviation."""
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_t2i.alignment.contrastive import load_text_embeddings
+
+    table = load_text_embeddings(lm_checkpoint)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    random = torch.randn(table.shape, generator=gen) * table.std() + table.mean()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"table": random.contiguous()}, path)
+
+
+def _forgetting_steps(out: Path, data: StudyData, scale: Scale, seed: int,
+                      py: str) -> list[Step]:
+    steps = []
+    for arm in ("t2i_pretrained", "t2i_pretrained_c64"):
+        run = run_name(arm, seed)
+        points = forgetting_iterations(scale.t2i_iters) if arm == "t2i_pretrained" \
+            else [scale.t2i_iters]
+        for it in points:
+            steps.append(_eval_step(out, data, py, f"eval_{run}_it{it}", run,
+                                    checkpoint(out, run) / f"iter_{it:07d}"))
+    return steps
+
+
+def _eval_step(out: Path, data: StudyData, py: str, name: str, needs: str,
+               ckpt: Path) -> Step:
+    return Step(name, (
+        py, str(REPO / "tools" / "eval_forgetting.py"), "--checkpoint", str(ckpt),
+        "--text-file", str(data.held_out), "--prompts", str(data.prompts),
+        "--task", str(data.choice_task), "--text-tokenizer", str(data.text_tokenizer),
+        "--max-new-tokens", "16", "--micro-batch-size", "32", "--per-item",
+        "--text-window", str(TEXT_WINDOW),
+        "--out", str(out / "eval" / f"{name}.json")), (needs,),
+        str(out / "eval" / f"{name}.json"))
 
 
 def run_steps(steps: list[Step], out: Path, jobs: int, resume: bool = True) -> dict[str, float]:
@@ -200,19 +299,22 @@ def _run_step(step: Step, out: Path, threads: int) -> float:
 
 
 def run_study(out: Path, quick: bool = False, jobs: int | None = None,
-              resume: bool = True) -> dict:
-    """Data, every run, and the report; returns the summary (also in out/summary.json)."""
+              resume: bool = True, corpus: str | None = None) -> dict:
+    """Data, every run, and the report; returns the summary (also in out/summary.json).
+    `corpus="shapes"` runs the positive control (the synthetic shapes) instead."""
     from megatron_t2i.study.report import write_report
 
     if importlib.util.find_spec("matplotlib") is None:  # the figures, at the very end
         raise StudyError("the mini-study draws its figures with matplotlib: "
                          "pip install 'megatron_t2i[plot]'")
     scale = QUICK if quick else FULL
+    if corpus is not None:
+        scale = dataclasses.replace(scale, data=dataclasses.replace(scale.data, corpus=corpus))
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     start = time.perf_counter()
-    print(f"[mini-study] {scale.name} mode, {jobs} steps at a time, output {out}", flush=True)
-    data = prepare_study_data(out / "data", scale.english_chars, scale.pairs,
-                              scale.text_vocab_size)
+    print(f"[mini-study] {scale.name} mode ({scale.data.corpus}), {jobs} steps at a time, "
+          f"output {out}", flush=True)
+    data = prepare_study_data(out / "data", scale.data)
     print(f"[mini-study] data ready ({time.perf_counter() - start:.0f}s)", flush=True)
     steps = plan(out, data, scale)
     seconds = run_steps(steps, out, jobs, resume)

@@ -1,8 +1,9 @@
 """The mini-study's results: summary.json, report.md and the figures, from the runs' files.
 
-Curves are validation perplexities (exp of the validation losses the trainer logs) against
-tokens seen = iteration x global batch x sequence length, the paper's x axis. Every series
-named in `SERIES` is in summary.json, so a test can check the study measured everything.
+Curves are validation losses (nats/token) and perplexities against real tokens seen: the sum
+of each step's non-padding target tokens, from the trainer's per-step `loss_tokens`. Every
+verdict is computed here from the paired per-seed differences by stats.verdict; nothing in
+the report is written by hand except the words around the numbers.
 """
 
 from __future__ import annotations
@@ -12,31 +13,35 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
+import numpy as np
 
+from megatron_t2i.study import stats
 from megatron_t2i.study.data import StudyData
-from megatron_t2i.study.pipeline import FORGETTING, T2I_RUNS, Scale, Step
-from megatron_t2i.training.plots import load_run, series
+from megatron_t2i.study.pipeline import (
+    Scale,
+    Step,
+    arms,
+    forgetting_iterations,
+    run_name,
+)
 
-CURVES = {  # run -> the validation perplexities it reports
-    "lm": ("text",),
-    **{name: ("image", "text") if tokens == "t2i" else ("image",)
-       for name, (tokens, _, _) in T2I_RUNS.items()},
-}
-SERIES = [f"{run}/valid_ppl_{kind}" for run, kinds in CURVES.items() for kind in kinds] + \
-    ["alignment/loss", "alignment/temperature"]
 FIGURES = {
-    "image_perplexity.png": "Image-token perplexity, text-to-image (the paper's Figures 3, 4)",
-    "text_perplexity.png": "Caption-token perplexity, text-to-image (Figure 4, right)",
-    "unconditional.png": "Image-token perplexity, unconditional and frozen (Figure 6)",
-    "alignment.png": "Contrastive alignment: loss and temperature (Figure 7)",
+    "fig3_loss.png": "Overall validation loss, text-to-image, seed bands (the paper's Figure 3)",
+    "fig4_perplexity.png": "Image- and caption-token perplexity from step 0 (Figure 4)",
+    "table1_forgetting.png": "Held-out English loss along text-to-image training (Table 1)",
+    "fig6_unconditional.png": "Unconditional image-token loss, pretrained, random, frozen "
+                              "(Figure 6)",
+    "fig7_alignment.png": "Contrastive alignment to the LM's table and to a random table, and "
+                          "held-out retrieval (Figure 7)",
+    "forest.png": "Every paired difference with its 95% interval",
 }
 LABELS = {"t2i_pretrained": "pretrained LM", "t2i_random": "random init",
-          "t2i_aligned": "pretrained LM, aligned image rows",
-          "uncond_pretrained": "pretrained LM", "uncond_random": "random init",
-          "uncond_frozen_attention": "pretrained, frozen attention",
+          "t2i_shuffled": "LM on shuffled words", "t2i_pretrained_c64": "pretrained, 64 codes",
+          "t2i_random_c64": "random, 64 codes", "uncond_pretrained": "pretrained LM",
+          "uncond_random": "random init", "uncond_frozen_attention": "pretrained, frozen attention",
           "uncond_frozen_mlp": "pretrained, frozen MLP",
           "uncond_frozen_transformer": "pretrained, frozen transformer"}
+RETRIEVAL_CANDIDATES = 100
 
 
 def write_report(out: Path, data: StudyData, scale: Scale, steps: list[Step],
@@ -50,66 +55,257 @@ def write_report(out: Path, data: StudyData, scale: Scale, steps: list[Step],
     return summary
 
 
+# ---- reading the runs ---------------------------------------------------------------------
+
+def read_curve(run_dir: Path) -> dict[str, list[float]]:
+    """Validation losses at each evaluated iteration, with the real tokens seen by then."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if x.strip()]
+    train = {r["iteration"]: r.get("loss_tokens", 0.0) for r in records
+             if r.get("split", "train") == "train"}
+    seen = np.cumsum([train.get(i, 0.0) for i in range(max(train, default=0) + 1)])
+    valid = [r for r in records if r.get("split") == "valid"]
+    return {"iteration": [r["iteration"] for r in valid],
+            "tokens": [float(seen[r["iteration"]]) for r in valid],
+            **{k: [r.get(k, math.nan) for r in valid]
+               for k in ("loss", "loss_text", "loss_image")}}
+
+
+def _curves(out: Path, scale: Scale) -> dict[str, dict[int, dict[str, list[float]]]]:
+    return {arm.name: {s: read_curve(out / "runs" / run_name(arm.name, s)) for s in scale.seeds}
+            for arm in arms(scale)}
+
+
+def _value(curves: dict, arm: str, key: str, at: str = "final") -> dict[int, float]:
+    """Per seed: the final value, the step-0 value, or the mean over the points after 0."""
+    pick = {"final": lambda v: v[-1], "start": lambda v: v[0],
+            "curve": lambda v: float(np.mean(v[1:]))}[at]
+    return {s: float(pick(c[key])) for s, c in curves[arm].items()}
+
+
+def _eval(out: Path, name: str) -> dict[str, Any]:
+    return json.loads((out / "eval" / f"{name}.json").read_text())
+
+
+def _english(report: dict) -> tuple[float, np.ndarray, np.ndarray]:
+    """Held-out English loss (nats/token), per-window losses, per-item choice correctness."""
+    t = report["text_perplexity"]
+    windows = np.asarray(t["window_loss_sums"]) / np.maximum(1, np.asarray(t["window_tokens"]))
+    task = next(iter(report["tasks"].values()))
+    return float(t["loss"]), windows, np.asarray(task["correct"], dtype=np.float64)
+
+
+# ---- findings -----------------------------------------------------------------------------
+
+def _finding(claims: list[tuple[str, stats.Claim]], parts: dict[str, stats.Estimate]
+             ) -> dict[str, Any]:
+    verdicts = {part: stats.verdict(claim, parts[part]) for part, claim in claims}
+    main = claims[-1][0]
+    est = parts[main]
+    return {"verdict": stats.combine(list(verdicts.values())), "difference": est.difference,
+            "ci_low": est.ci_low, "ci_high": est.ci_high, "method": est.method,
+            "margin": claims[-1][1].margin,
+            "parts": {part: {"claim": claim.text, "kind": claim.kind, "verdict": verdicts[part],
+                             **parts[part].to_dict()} for part, claim in claims}}
+
+
+def compute_findings(out: Path, scale: Scale) -> tuple[dict, dict, dict]:
+    """The six findings of the paper, the extra comparisons, and the LM quality gate."""
+    curves = _curves(out, scale)
+    seeds = scale.seeds
+    lm = _english(_eval(out, "eval_lm"))
+    last = scale.t2i_iters
+    english = {s: _english(_eval(out, f"eval_{run_name('t2i_pretrained', s)}_it{last}"))
+               for s in seeds}
+
+    def pair(a: str, b: str, key: str, at: str = "final") -> stats.Estimate:
+        return stats.estimate(_value(curves, a, key, at), _value(curves, b, key, at))
+
+    def forgetting(english_after: dict) -> stats.Estimate:
+        return stats.estimate({s: lm[0] for s in english_after},
+                              {s: v[0] for s, v in english_after.items()},
+                              {s: lm[1] for s in english_after},
+                              {s: v[1] for s, v in english_after.items()})
+
+    align = {kind: {s: _alignment(out, kind, s) for s in seeds} for kind in ("lm", "random")}
+    c = stats.CLAIMS
+    findings = {
+        "fig3": _finding(c["fig3"], {"final": pair("t2i_random", "t2i_pretrained", "loss")}),
+        "fig4_image": _finding(c["fig4_image"], {
+            "curve": pair("t2i_random", "t2i_pretrained", "loss_image", "curve")}),
+        "fig4_text": _finding(c["fig4_text"], {
+            "start": pair("t2i_random", "t2i_pretrained", "loss_text", "start"),
+            "final": pair("t2i_random", "t2i_pretrained", "loss_text")}),
+        "table1": _finding(c["table1"], {"final": forgetting(english)}),
+        "fig6": _finding(c["fig6"], {
+            "final": pair("uncond_random", "uncond_pretrained", "loss_image")}),
+        "fig7": _finding(c["fig7"], {"final": stats.estimate(
+            {s: v["final_loss"] for s, v in align["random"].items()},
+            {s: v["final_loss"] for s, v in align["lm"].items()})}),
+    }
+    extra = _extra_findings(out, scale, curves, lm, english, align, pair, forgetting)
+    gate = _quality_gate(out, lm)
+    return findings, extra, gate
+
+
+def _extra_findings(out: Path, scale: Scale, curves: dict, lm: tuple, english: dict,
+                    align: dict, pair, forgetting) -> dict[str, Any]:
+    """Comparisons beyond the six findings: frozen arms, the controls, forgetting over time."""
+    seeds, m = scale.seeds, stats.MARGIN_NATS
+    extra: dict[str, Any] = {}
+    for arm in arms(scale):
+        if arm.frozen:
+            extra[f"fig6_{arm.name}_vs_unfrozen"] = _finding(
+                [("final", stats.Claim("greater", m, f"Fig. 6: freezing the {arm.frozen[0]} "
+                                       f"hurts (final image loss, frozen - unfrozen > 0)"))],
+                {"final": pair("uncond_pretrained", arm.name, "loss_image")})
+    for it in forgetting_iterations(scale.t2i_iters)[:-1]:
+        after = {s: _english(_eval(out, f"eval_{run_name('t2i_pretrained', s)}_it{it}"))
+                 for s in seeds}
+        extra[f"table1_at_iteration_{it}"] = _finding(
+            [("final", stats.Claim("greater", m, f"Table 1: English loss after {it} of "
+                                   f"{scale.t2i_iters} T2I iterations - before > 0"))],
+            {"final": forgetting(after)})
+    choice = stats.estimate({s: float(lm[2].mean()) for s in seeds},
+                            {s: float(english[s][2].mean()) for s in seeds},
+                            {s: lm[2] for s in seeds}, {s: english[s][2] for s in seeds})
+    extra["table1_choice_accuracy"] = _finding(
+        [("final", stats.Claim("less", 0.02, "Table 1: WordNet multiple-choice accuracy after "
+                               "T2I training - before < 0"))], {"final": choice})
+    c64 = {s: _english(_eval(out, f"eval_{run_name('t2i_pretrained_c64', s)}_it"
+                                  f"{scale.t2i_iters}")) for s in seeds}
+    extra["ratio_forgetting_256_vs_64_codes"] = _finding(
+        [("final", stats.Claim("greater", m, "Ratio explanation: 256 codes per image make the "
+                               "LM forget more English than 64 (loss after, 256 - 64 > 0)"))],
+        {"final": stats.estimate({s: v[0] for s, v in c64.items()},
+                                 {s: v[0] for s, v in english.items()},
+                                 {s: v[1] for s, v in c64.items()},
+                                 {s: v[1] for s, v in english.items()})})
+    extra["fig3_c64"] = _finding(stats.CLAIMS["fig3"], {
+        "final": pair("t2i_random_c64", "t2i_pretrained_c64", "loss")})
+    extra["control_shuffled_vs_random"] = _finding(
+        [("final", stats.Claim("equivalent", m, "Control: an LM of shuffled words (a warm "
+                               "start without language) vs random init, final loss"))],
+        {"final": pair("t2i_random", "t2i_shuffled", "loss")})
+    extra["control_language_vs_shuffled"] = _finding(
+        [("final", stats.Claim("equivalent", m, "Control: the LM of real English vs the LM of "
+                               "shuffled words, final loss (language beyond a warm start)"))],
+        {"final": pair("t2i_shuffled", "t2i_pretrained", "loss")})
+    extra["fig7_retrieval"] = _finding(
+        [("final", stats.Claim("not_greater", 0.02, "Fig. 7: held-out image-caption retrieval "
+                               "after alignment to the LM's table is no better than after "
+                               "alignment to a random table (accuracy, LM - random)"))],
+        {"final": stats.estimate(
+            {s: v["retrieval"] for s, v in align["random"].items()},
+            {s: v["retrieval"] for s, v in align["lm"].items()},
+            {s: v["retrieval_items"] for s, v in align["random"].items()},
+            {s: v["retrieval_items"] for s, v in align["lm"].items()})})
+    return extra
+
+
+def _quality_gate(out: Path, lm: tuple) -> dict[str, Any]:
+    """The pretrained LM knows some English: held-out perplexity below a unigram model's and
+    multiple-choice accuracy above chance (95% bootstrap interval over items)."""
+    facts = json.loads((out / "data" / "params.json").read_text())["facts"]
+    unigram = facts["unigram_held_out_ppl"]
+    mean, lo, hi = stats.bootstrap_interval(lm[2] - 0.25)
+    ppl = math.exp(lm[0])
+    return {"held_out_ppl": ppl, "unigram_ppl": unigram, "ppl_below_unigram": ppl < unigram,
+            "choice_items": int(lm[2].size), "choice_accuracy": float(lm[2].mean()),
+            "choice_ci": [0.25 + lo, 0.25 + hi], "choice_above_chance": lo > 0,
+            "passed": bool(ppl < unigram and lo > 0)}
+
+
+def _alignment(out: Path, kind: str, seed: int) -> dict[str, Any]:
+    folder = out / "align" / run_name(f"align_{kind}", seed)
+    records = [json.loads(x) for x in (folder / "alignment_metrics.jsonl").read_text()
+               .splitlines() if x.strip()]
+    table = out / "runs" / "lm" / "checkpoints" if kind == "lm" else \
+        out / "align" / f"random_table_s{seed}.safetensors"
+    correct = retrieval(folder / "image_rows.safetensors", table,
+                        str(out / "data" / "tokens" / "t2i_c256_valid"))
+    return {"final_loss": records[-1]["loss"], "steps": [r["step"] for r in records],
+            "loss": [r["loss"] for r in records], "retrieval": float(correct.mean()),
+            "retrieval_items": correct}
+
+
+def retrieval(rows_path: Path, table_path: Path, valid_prefix: str,
+              candidates: int = RETRIEVAL_CANDIDATES) -> np.ndarray:
+    """Held-out image -> caption retrieval with the aligned rows: for each image, is the
+    nearest of `candidates` captions (its own and the next ones) its own caption? One 0/1
+    per held-out image; chance is 1/candidates (identical captions count as right)."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from megatron_t2i.alignment.contrastive import load_text_embeddings, read_pairs
+
+    rows = next(iter(load_file(str(rows_path)).values())).float()
+    table = load_text_embeddings(table_path)
+    pairs = read_pairs(valid_prefix)
+    table = table[:pairs.layout.text_size]
+    image = F.normalize(rows[pairs.codes].mean(1), dim=-1)
+    w = pairs.caption_mask.float().unsqueeze(-1)
+    caption = F.normalize((table[pairs.captions] * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+    n = len(pairs)
+    correct = np.zeros(n)
+    for i in range(n):
+        idx = torch.arange(i, i + min(candidates, n)) % n
+        best = int(idx[torch.argmax(caption[idx] @ image[i])])
+        correct[i] = float(torch.equal(pairs.captions[best], pairs.captions[i]))
+    return correct
+
+
 # ---- summary ------------------------------------------------------------------------------
 
 def build_summary(out: Path, data: StudyData, scale: Scale, steps: list[Step],
                   step_seconds: dict[str, float], wall_seconds: float) -> dict[str, Any]:
-    series_: dict[str, dict[str, list[float]]] = {}
-    final: dict[str, dict[str, float]] = {}
-    for run, kinds in CURVES.items():
-        run_dir = out / "runs" / run
-        per_iteration = _tokens_per_iteration(run_dir)
-        for kind in kinds:
-            key = "loss_text" if kind == "text" else "loss_image"
-            iterations, losses = series(load_run(run_dir), f"valid/{key}")
-            name = f"{run}/valid_ppl_{kind}"
-            series_[name] = {"tokens": [i * per_iteration for i in iterations],
-                             "values": [math.exp(v) for v in losses]}
-            final.setdefault(run, {})[f"valid_ppl_{kind}"] = series_[name]["values"][-1]
-    align = _read_jsonl(out / "align" / "alignment_metrics.jsonl")
-    series_["alignment/loss"] = {"steps": [r["step"] for r in align],
-                                 "values": [r["loss"] for r in align]}
-    series_["alignment/temperature"] = {"steps": [r["step"] for r in align],
-                                        "values": [r["temperature"] for r in align]}
-    nearest = json.loads((out / "align" / "nearest_text_tokens.json").read_text())
+    findings, extra, gate = compute_findings(out, scale)
+    tok = data.facts["tokenizer"]["c256"]
+    curves = _curves(out, scale)
     return {
-        "mode": scale.name, "wall_seconds": round(wall_seconds, 1),
-        "scale": {k: v for k, v in vars(scale).items()},
+        "mode": scale.name, "corpus": data.facts["corpus"],
+        "seeds": len(scale.seeds),
+        "split_duplicates": data.facts["split_duplicates"],
+        "findings": findings,
+        "tokenizer": {"reconstruction_mse": tok["reconstruction_mse"],
+                      "codebook_perplexity": tok["codebook_perplexity"],
+                      "dead_codes": tok.get("dead_codes"), "per_codes": data.facts["tokenizer"]},
+        "margin_nats": stats.MARGIN_NATS,
+        "interval_methods": "t over seeds (>= 3 seeds); bootstrap over evaluation items "
+                            "where fewer seeds and per-item values exist",
+        "extra_findings": extra, "quality_gate": gate,
+        "wall_seconds": round(wall_seconds, 1),
+        "scale": {"seeds": list(scale.seeds), "lm_iters": scale.lm_iters,
+                  "t2i_iters": scale.t2i_iters, "eval_points": scale.eval_points,
+                  "align_steps": scale.align_steps, "frozen": list(scale.frozen)},
         "data": data.facts,
-        "series": series_, "final": final,
-        "forgetting": {name: _forgetting(out / "eval" / f"{name}.json") for name in FORGETTING},
-        "alignment": {"final_loss": align[-1]["loss"], "final_temperature":
-                      align[-1]["temperature"], "nearest_text_tokens": nearest["summary"],
-                      "examples": _nearest_examples(nearest)},
+        "curves": {arm: {str(s): c for s, c in per_seed.items()}
+                   for arm, per_seed in curves.items()},
+        "curves_lm_tokens": read_curve(out / "runs" / "lm")["tokens"][-1],
+        "forgetting": _forgetting_table(out, scale),
+        "alignment": {kind: {str(s): {k: v for k, v in _alignment(out, kind, s).items()
+                                      if k != "retrieval_items"} for s in scale.seeds}
+                      for kind in ("lm", "random")},
         "step_seconds": {k: round(v, 1) for k, v in step_seconds.items()},
         "commands": {s.name: " ".join(s.command) for s in steps},
     }
 
 
-def _tokens_per_iteration(run_dir: Path) -> int:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return cfg["train"]["global_batch_size"] * cfg["model"]["seq_length"]
+def _forgetting_table(out: Path, scale: Scale) -> dict[str, Any]:
+    rows: dict[str, Any] = {"lm": _forgetting_row(_eval(out, "eval_lm"))}
+    for s in scale.seeds:
+        for it in forgetting_iterations(scale.t2i_iters):
+            name = f"{run_name('t2i_pretrained', s)}_it{it}"
+            rows[name] = _forgetting_row(_eval(out, f"eval_{name}"))
+    return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _forgetting(path: Path) -> dict[str, Any]:
-    report = json.loads(path.read_text())
-    task = next(iter(report.get("tasks", {}).values()), {})
-    return {"checkpoint": report["checkpoint"],
-            "held_out_ppl": report["text_perplexity"]["ppl"],
-            "continuation_acc": task.get("acc"), "continuation_acc_norm": task.get("acc_norm"),
+def _forgetting_row(report: dict) -> dict[str, Any]:
+    loss, windows, correct = _english(report)
+    return {"held_out_loss": loss, "held_out_ppl": math.exp(loss), "windows": int(windows.size),
+            "choice_accuracy": float(correct.mean()),
             "completions": report.get("completions", [])}
-
-
-def _nearest_examples(nearest: dict, count: int = 8) -> list[dict]:
-    """The first codes the data uses, each with its five nearest text tokens."""
-    codes = [c for c in nearest.get("codes", []) if c.get("seen_in_data", True)][:count]
-    return [{"code": c["code"], "cosine": c["nearest"][0]["cosine"],
-             "tokens": [n["token"] if n["token"] is not None else n["id"]
-                        for n in c["nearest"][:5]]} for c in codes]
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -120,40 +316,113 @@ def draw_figures(summary: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = summary["series"]
-    t2i = ["t2i_pretrained", "t2i_random", "t2i_aligned"]
-    uncond = [n for n in T2I_RUNS if n.startswith("uncond")]
-    paths = [
-        _curves(plt, out / "image_perplexity.png", s, [f"{r}/valid_ppl_image" for r in t2i],
-                "text-to-image: image-token perplexity"),
-        _curves(plt, out / "text_perplexity.png", s, [f"{r}/valid_ppl_text" for r in t2i],
-                "text-to-image: caption-token perplexity"),
-        _curves(plt, out / "unconditional.png", s, [f"{r}/valid_ppl_image" for r in uncond],
-                "unconditional: image-token perplexity"),
-    ]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((left, "alignment/loss", "contrastive loss"),
-                           (right, "alignment/temperature", "temperature")):
-        ax.plot(s[key]["steps"], s[key]["values"], linewidth=1.3)
-        ax.set_title(title)
-        ax.set_xlabel("alignment step")
-        ax.grid(alpha=0.3)
-    paths.append(_save(plt, fig, out / "alignment.png"))
+    c = summary["curves"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in ("t2i_pretrained", "t2i_random", "t2i_shuffled"):
+        _band(ax, c[arm], "loss", LABELS[arm])
+    _axes(ax, "text-to-image: validation loss (all targets)", "loss (nats/token)")
+    paths.append(_save(plt, fig, out / "fig3_loss.png"))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in ("t2i_pretrained", "t2i_random", "t2i_shuffled"):
+        _band(left, c[arm], "loss_image", LABELS[arm], exp=True)
+        _band(right, c[arm], "loss_text", LABELS[arm], exp=True)
+    _axes(left, "image-token perplexity", "perplexity", log=True)
+    _axes(right, "caption-token perplexity", "perplexity", log=True)
+    paths.append(_save(plt, fig, out / "fig4_perplexity.png"))
+
+    paths.append(_forgetting_figure(plt, summary, out / "table1_forgetting.png"))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in c:
+        if arm.startswith("uncond"):
+            _band(ax, c[arm], "loss_image", LABELS[arm])
+    _axes(ax, "unconditional: image-token validation loss", "loss (nats/token)")
+    paths.append(_save(plt, fig, out / "fig6_unconditional.png"))
+
+    paths.append(_alignment_figure(plt, summary, out / "fig7_alignment.png"))
+    paths.append(_forest(plt, summary, out / "forest.png"))
     return paths
 
 
-def _curves(plt, path: Path, s: dict, names: list[str], title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in names:
-        run = name.split("/")[0]
-        ax.plot(s[name]["tokens"], s[name]["values"], marker="o", markersize=3,
-                linewidth=1.3, label=LABELS[run])
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel("validation perplexity")
+def _band(ax, per_seed: dict, key: str, label: str, exp: bool = False) -> None:
+    """Mean over seeds with the min-max band; x: real tokens (symlog keeps step 0)."""
+    runs = list(per_seed.values())
+    n = min(len(r[key]) for r in runs)
+    x = np.mean([r["tokens"][:n] for r in runs], axis=0)
+    y = np.asarray([r[key][:n] for r in runs], dtype=np.float64)
+    y = np.exp(y) if exp else y
+    line, = ax.plot(x, y.mean(0), marker="o", markersize=3, linewidth=1.3, label=label)
+    ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+
+
+def _axes(ax, title: str, ylabel: str, log: bool = False) -> None:
+    ax.set_xscale("symlog", linthresh=1e3)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("real (non-padding) training tokens seen")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
+
+
+def _forgetting_figure(plt, summary: dict, path: Path) -> Path:
+    rows, iters = summary["forgetting"], summary["scale"]["t2i_iters"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for s in summary["scale"]["seeds"]:
+        points = [(0.0, rows["lm"]["held_out_loss"])]
+        points += [(int(k.rsplit("_it", 1)[1]) / iters, r["held_out_loss"])
+                   for k, r in rows.items() if k.startswith(f"t2i_pretrained_s{s}_it")]
+        ax.plot(*zip(*sorted(points)), marker="o", label=f"seed {s}")
+    ax.set_xlabel("fraction of text-to-image training")
+    ax.set_ylabel("held-out English loss (nats/token)")
+    ax.set_title("forgetting: the pretrained LM along T2I training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(plt, fig, path)
+
+
+def _alignment_figure(plt, summary: dict, path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    means = {}
+    for kind, label in (("lm", "LM text table"), ("random", "random table")):
+        for s, r in summary["alignment"][kind].items():
+            left.plot(r["steps"], r["loss"], linewidth=1, label=f"{label}, seed {s}")
+        means[label] = [r["retrieval"] for r in summary["alignment"][kind].values()]
+    left.set_xlabel("alignment step")
+    left.set_ylabel("contrastive loss")
+    left.set_title("alignment of image codes")
+    left.legend(fontsize="small")
+    left.grid(alpha=0.3)
+    for i, values in enumerate(means.values()):
+        right.bar(i, np.mean(values), color=f"C{i}")
+        right.scatter([i] * len(values), values, color="black", zorder=3)
+    right.axhline(1 / RETRIEVAL_CANDIDATES, color="grey", linestyle="--", label="chance")
+    right.set_xticks(range(len(means)), list(means))
+    right.set_ylabel(f"held-out retrieval accuracy (1 of {RETRIEVAL_CANDIDATES})")
+    right.legend(fontsize="small")
+    return _save(plt, fig, path)
+
+
+def _forest(plt, summary: dict, path: Path) -> Path:
+    items = [(k, v) for k, v in {**summary["findings"], **summary["extra_findings"]}.items()]
+    rows = [(f"{k}:{part}", p) for k, v in items for part, p in v["parts"].items()]
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.2))
+    colors = {"reproduced": "C2", "contradicted": "C3", "inconclusive": "C7"}
+    for i, (_, p) in enumerate(rows):
+        lo, hi = (max(p["ci_low"], -5.0), min(p["ci_high"], 5.0))  # clip infinite intervals
+        ax.plot([lo, hi], [i, i], color=colors[p["verdict"]], linewidth=2)
+        ax.plot(p["difference"], i, "o", color=colors[p["verdict"]])
+    ax.axvline(0, color="black", linewidth=0.8)
+    for x in (-summary["margin_nats"], summary["margin_nats"]):
+        ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference (b - a) with 95% interval; dotted: equivalence margin")
+    ax.set_title("every paired difference (green reproduced, red contradicted, grey "
+                 "inconclusive)", fontsize="small")
     return _save(plt, fig, path)
 
 
@@ -167,100 +436,82 @@ def _save(plt, fig, path: Path) -> Path:
 # ---- report.md ----------------------------------------------------------------------------
 
 def render_report(summary: dict[str, Any]) -> str:
-    d, f, a = summary["data"], summary["final"], summary["alignment"]
+    d, g, t = summary["data"], summary["quality_gate"], summary["tokenizer"]
+    control = " (POSITIVE CONTROL: synthetic shapes whose captions decide the image)" \
+        if summary["corpus"] == "shapes" else ""
     lines = [
         f"# Mini-study: pre-trained language models and auto-regressive text-to-image "
-        f"({summary['mode']} mode)",
-        "",
-        f"Wall time {summary['wall_seconds'] / 60:.1f} min. A {d['english_train_paragraphs']:,}"
-        f"-paragraph English corpus (the docstrings of Python's standard library, "
-        f"{d['english_text_tokens']:,} tokens) pretrains a 4-layer GPT; vocabulary surgery "
-        f"adds 256 image codes; then text-to-image and unconditional runs on {d['pairs']:,} "
-        f"synthetic image-caption pairs start from it or from random weights. "
-        f"Perplexities are on the validation split, against tokens seen.",
-        "",
-        "## Final validation perplexities",
-        "",
-        "| run | image tokens | caption tokens |",
-        "|---|---|---|",
+        f"({summary['mode']} mode){control}", "",
+        f"Wall time {summary['wall_seconds'] / 60:.1f} min; {summary['seeds']} seeds per "
+        f"compared arm; {summary['split_duplicates']} documents shared between splits. "
+        f"Image tokenizer: reconstruction MSE {t['reconstruction_mse']:.4f}, codebook "
+        f"perplexity {t['codebook_perplexity']:.1f} of 256. Image:text target ratio "
+        f"{d.get('image_to_text_targets')}:1 (mean caption {d.get('mean_caption_tokens')} "
+        f"tokens).", "",
+        "## Verdicts (computed)", "",
+        f"Differences are b - a in nats/token unless named otherwise (accuracy, contrastive "
+        f"loss); equivalence margin +-{summary['margin_nats']} nats/token by TOST; intervals "
+        f"95%: {summary['interval_methods']}.", "",
+        "| finding | claim | verdict | difference | 95% interval | interval from |",
+        "|---|---|---|---|---|---|",
     ]
-    for run in ["lm", *T2I_RUNS]:
-        values = f[run]
-        lines.append(f"| {run} | {_num(values.get('valid_ppl_image'))} | "
-                     f"{_num(values.get('valid_ppl_text'))} |")
-    lines += ["", "(`lm`: perplexity of held-out English prose at the end of pretraining.)", ""]
-    lines += _reading(summary)
+    for name, f in {**summary["findings"], **summary["extra_findings"]}.items():
+        for part, p in f["parts"].items():
+            lines.append(f"| {name} ({part}) | {p['claim']} | **{p['verdict']}** | "
+                         f"{p['difference']:+.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
+                         f"| {p['method']} |")
+    lines += ["", "Overall verdicts: " + ", ".join(
+        f"{k} **{v['verdict']}**" for k, v in summary["findings"].items()) + ".", "",
+        "## The pretrained LM's quality gate", "",
+        f"Held-out English perplexity {g['held_out_ppl']:.1f} vs a unigram model's "
+        f"{g['unigram_ppl']:.1f}; WordNet multiple choice ({g['choice_items']} items, chance "
+        f"0.25): accuracy {g['choice_accuracy']:.3f} [{g['choice_ci'][0]:.3f}, "
+        f"{g['choice_ci'][1]:.3f}]. Gate {'passed' if g['passed'] else 'NOT passed'}.", "",
+        "Caption words in the LM's text (occurrences): "
+        + ", ".join(f"{w} {n}" for w, n in d.get("caption_words_in_lm_text", {}).items())
+        + ".", ""]
+    lines += _limits(summary)
     lines += [f"![{caption}]({name})\n\n*{caption}.*\n" for name, caption in FIGURES.items()]
-    lines += _forgetting_section(summary["forgetting"])
-    nearest = a["nearest_text_tokens"]
-    lines += ["## Contrastive alignment (Figure 7)", "",
-              f"Final loss {a['final_loss']:.3f}, temperature {a['final_temperature']:.4f}. "
-              f"Nearest text token of each image code: {nearest.get('distinct_top1_tokens')} "
-              f"distinct tokens over {nearest.get('image_codes')} codes, mean best cosine "
-              f"{nearest.get('mean_top1_cosine')}; most often nearest: "
-              f"{', '.join(repr(m['token'] or m['id']) for m in nearest.get('most_common_top1', [])[:8])}.",
-              "", "| image code | best cosine | nearest text tokens |", "|---|---|---|"]
-    lines += [f"| {e['code']} | {e['cosine']:.3f} | {', '.join(map(repr, e['tokens']))} |"
-              for e in a["examples"]]
-    lines += ["", "## Steps", "", "| step | seconds | command |", "|---|---|---|"]
-    lines += [f"| {name} | {summary['step_seconds'].get(name, 0):.0f} | `{cmd}` |"
-              for name, cmd in summary["commands"].items()]
+    lines += _forgetting_lines(summary)
+    lines += ["## Steps", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in summary["step_seconds"].items()]
+    lines += ["", "The commands of every step are in summary.json (`commands`).", ""]
     return "\n".join(lines) + "\n"
 
 
-def _reading(summary: dict[str, Any]) -> list[str]:
-    """The numbers the paper's claims are about, next to what the paper saw at 1B scale."""
-    s, f = summary["series"], summary["forgetting"]
-
-    def first_last(name: str) -> str:
-        v = s[name]["values"]
-        return f"{_num(v[0])} -> {_num(v[-1])}"
-
-    return [
-        "## Against the paper", "",
-        f"- Image tokens, text-to-image (paper: pretrained and random init track each other): "
-        f"pretrained {first_last('t2i_pretrained/valid_ppl_image')}, random "
-        f"{first_last('t2i_random/valid_ppl_image')}, aligned "
-        f"{first_last('t2i_aligned/valid_ppl_image')} (first -> last validation).",
-        f"- Caption tokens (paper: the pretrained model starts far lower; the gap closes "
-        f"quickly): pretrained {first_last('t2i_pretrained/valid_ppl_text')}, random "
-        f"{first_last('t2i_random/valid_ppl_text')}.",
-        "- Unconditional (paper: random init ends at least as low; freezing hurts): "
-        + ", ".join(f"{LABELS[r]} {_num(s[f'{r}/valid_ppl_image']['values'][-1])}"
-                    for r in T2I_RUNS if r.startswith("uncond")) + ".",
-        f"- Forgetting (paper: the LM's English collapses): held-out English perplexity "
-        f"{_num(f['eval_lm']['held_out_ppl'])} before, "
-        f"{_num(f['eval_t2i_pretrained']['held_out_ppl'])} after text-to-image training "
-        f"(random-init reference {_num(f['eval_t2i_random']['held_out_ppl'])}).",
-        "",
-        f"A {summary['mode']}-mode study is small and short: it shows the experiments run "
-        f"and what they measure; its numbers are not the paper's.",
-        "",
-    ]
+def _limits(summary: dict) -> list[str]:
+    """What this scale can and cannot show, from the measured sizes."""
+    c = summary["curves"]
+    lm_tokens = summary["curves_lm_tokens"]
+    t2i = np.mean([r["tokens"][-1] for r in c["t2i_pretrained"].values()])
+    return ["## What this scale can show", "",
+            f"- Text-to-image training sees {t2i:,.0f} real tokens, "
+            f"{100 * t2i / max(lm_tokens, 1):.0f}% of the LM's own pretraining tokens "
+            f"({lm_tokens:,.0f}); the paper's is about 6%. Forgetting and the fading caption "
+            f"advantage are measured at this other ratio, not the paper's.",
+            f"- {summary['seeds']} seeds per arm: a t interval over {summary['seeds']} seeds "
+            f"has {summary['seeds'] - 1} degree(s) of freedom, so equivalence within "
+            f"+-{summary['margin_nats']} nats can rarely be shown; inconclusive verdicts say "
+            f"the data cannot decide, not that the arms are the same.",
+            "- A 4-layer, 128-wide GPT and a small VQ autoencoder: the paper's 1B model and "
+            "MoVQGAN codes differ in kind as well as size.", ""]
 
 
-def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
-    titles = {"eval_lm": "the pretrained LM (grown vocabulary)",
-              "eval_t2i_pretrained": "after text-to-image training from it",
-              "eval_t2i_random": "text-to-image from random init (reference)"}
+def _forgetting_lines(summary: dict) -> list[str]:
+    rows = summary["forgetting"]
     lines = ["## Forgetting (Table 1)", "",
-             "| model | held-out English perplexity | continuation choice acc (4-way) |",
-             "|---|---|---|"]
-    for name, r in forgetting.items():
-        lines.append(f"| {titles[name]} | {_num(r['held_out_ppl'])} | "
-                     f"{_num(r['continuation_acc'])} |")
-    lines += ["", "Greedy completions:", "", "| prompt | " + " | ".join(
-        titles[n] for n in forgetting) + " |", "|---" * (len(forgetting) + 1) + "|"]
-    prompts = [c["prompt"] for c in next(iter(forgetting.values()))["completions"]]
-    for i, prompt in enumerate(prompts):
-        cells = [_cell(r["completions"][i]["completion"]) for r in forgetting.values()]
-        lines.append(f"| {_cell(prompt)} | " + " | ".join(cells) + " |")
+             "| model | held-out English perplexity | WordNet choice accuracy |", "|---|---|---|"]
+    lines += [f"| {k} | {r['held_out_ppl']:.1f} | {r['choice_accuracy']:.3f} |"
+              for k, r in rows.items()]
+    first = summary["scale"]["seeds"][0]
+    last = f"t2i_pretrained_s{first}_it{summary['scale']['t2i_iters']}"
+    lines += ["", f"Greedy completions, the LM before and after text-to-image training "
+              f"(seed {first}):", "", "| prompt | before | after |", "|---|---|---|"]
+    for b, a in zip(rows["lm"]["completions"], rows[last]["completions"]):
+        lines.append(f"| {_cell(b['prompt'])} | {_cell(b['completion'])} | "
+                     f"{_cell(a['completion'])} |")
     return lines + [""]
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip() or "(nothing)"
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.3g}" if value < 10 else f"{value:,.1f}"

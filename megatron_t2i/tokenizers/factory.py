@@ -4,6 +4,7 @@
     load_text_tokenizer("hf", "openlm/tokenizer.json", vocab_size=50432)
     load_image_tokenizer("kmeans", "vq.npz")
     load_image_tokenizer("movqgan", "movqgan_270M.ckpt")   # MoVQGAN.from_checkpoint(path)
+    load_image_tokenizer("vqvae", "vq.safetensors")        # VQVAETokenizer (+ vq.json)
 
 A (kind, path) pair is all a worker process needs to rebuild the same tokenizer, and it is
 what the token files' sidecar records next to the tokenizer's identity hash. Image tokenizers
@@ -23,7 +24,8 @@ from megatron_t2i.tokenizers.text import TextTokenizer
 TEXT_KINDS = ("sentencepiece", "hf")
 # kind -> (module, class, classmethod that loads one from a path)
 _IMAGE_CLASSES = {"kmeans": ("megatron_t2i.tokenizers.kmeans", "KMeansPatchVQ", "load"),
-                  "movqgan": ("megatron_t2i.tokenizers.movqgan", "MoVQGAN", "from_checkpoint")}
+                  "movqgan": ("megatron_t2i.tokenizers.movqgan", "MoVQGAN", "from_checkpoint"),
+                  "vqvae": ("megatron_t2i.tokenizers.vqvae", "VQVAETokenizer", "load")}
 IMAGE_KINDS = tuple(_IMAGE_CLASSES)
 
 
@@ -55,7 +57,8 @@ def load_text_tokenizer(kind: str, path: str | Path, **options: Any) -> TextToke
 
 
 def load_image_tokenizer(kind: str, path: str | Path) -> ImageTokenizer:
-    """kind: 'kmeans' (a KMeansPatchVQ .npz) or 'movqgan' (a MoVQGAN checkpoint)."""
+    """kind: 'kmeans' (a KMeansPatchVQ .npz), 'movqgan' (a MoVQGAN checkpoint) or 'vqvae'
+    (a VQVAETokenizer .safetensors with its .json config beside it)."""
     return image_tokenizer_loader(kind)(path)
 
 

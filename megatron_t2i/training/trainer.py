@@ -217,6 +217,8 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
+        if self.iteration == 0 and 0 in cfg.train.eval_at:  # the starting point of the curve
+            self.metrics.log_eval(0, self.evaluate())
         while self.iteration < cfg.train.train_iters:
             start = time.perf_counter()
             self.data.data_wait.pop()
@@ -229,11 +231,13 @@ class Trainer:
             if self.iteration % cfg.train.log_interval == 0:
                 self._log_train(report, elapsed)
             self._stop_after_too_many_skips()
-            if cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0:
+            if (cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0
+                    or self.iteration in cfg.train.eval_at):
                 self.metrics.log_eval(self.iteration, self.evaluate())
             if self.sampler.due(self.iteration, final=False):
                 self.sample()
-            if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+            if (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
+                    or self.iteration in cfg.checkpoint.save_at):
                 self.save()
             if cfg.train.exit_interval and self.iteration % cfg.train.exit_interval == 0:
                 self._print(f"exit_interval reached at iteration {self.iteration}")
