@@ -21,7 +21,7 @@ TINY = [
     "train.micro_batch_size=4", "train.global_batch_size=8", "train.train_iters=3",
     "train.log_interval=1", "train.eval_interval=null", "optim.lr_warmup_iters=0",
     "logging.tensorboard=false", "checkpoint.save_interval=null",
-    "train.sample_at_end=false",  # tests that want end-of-run samples turn them on
+    "train.sample_at_end=false", "train.sample_interval=null",  # tests that want samples turn them on
     "data.caption_dropout=0.0",  # the losses the tests compare see every caption
 ]
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import REPO, run_train, train_env
 
+from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.checkpoint.trust import UntrustedCheckpoint, check_before_load
 from megatron_t2i.training.checkpointing import CheckpointError, check_trusted
 
@@ -103,7 +104,9 @@ def crafted_copy(genuine: Path, tmp_path: Path, payload: str) -> tuple[Path, Pat
     run_dir = tmp_path / "run"
     shutil.copytree(genuine, run_dir)
     marker = tmp_path / "payload-ran"
-    crafted = CRAFT[payload](run_dir / "checkpoints" / "iter_0000001", marker)
+    folder = run_dir / "checkpoints" / "iter_0000001"
+    crafted = CRAFT[payload](folder, marker)
+    write_manifest(folder)  # whoever crafts the files can rewrite the checksums too
     return run_dir, crafted, marker
 
 
@@ -237,6 +240,7 @@ def test_deepspeed_resume_refuses_crafted_model_states(tmp_path, corpus_dir):
         check_before_load(optim_copy)
     assert str(optim) in str(refused.value) and not marker.exists()
     crafted = craft_torch_file(folder / "mp_rank_00_model_states.pt", marker)
+    write_manifest(folder)  # whoever crafts the files can rewrite the checksums too
     proc = run_train(run_dir, corpus_dir, env=env, check=False,
                      overrides=engine + ["train.train_iters=2", "checkpoint.save_interval=1"])
     assert_refused(proc.returncode, proc.stderr, crafted, marker)
