@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.peer and world_size > 1:
             raise ConfigError(f"--peer {args.peer} compares one process with one process; "
                               f"launch without torchrun (world size is {world_size})")
-        cfg = load_config(args.config, args.overrides)
+        # the benchmark times training steps only: no sample grids (they read the config's data)
+        cfg = load_config(args.config, ["train.sample_at_end=false", "train.sample_interval=null",
+                                        *args.overrides])
         validate(cfg, world_size)
         if args.peer:
             from megatron_t2i.bench.hf_peer import peer_differences
