@@ -11,8 +11,8 @@ compares each file's size (always: a stat per file) and its XXH3-128 digest (the
 read once; XXH3 hashes several GB/s per core, so the disk bounds it; `verify=False` skips the
 hashing for very large checkpoints on trusted storage), so a shard truncated, zeroed or
 flipped in place is refused naming the file. A folder without a manifest (written before
-manifests existed) is loaded with a warning; io.check_files then checks its shards against
-the sizes the DCP metadata needs.
+manifests existed) is loaded with a warning; io.check_files (part of
+trust.check_before_load) then checks its shards against the sizes the DCP metadata needs.
 """
 
 from __future__ import annotations

@@ -192,14 +192,15 @@ def check_shards(folder: Path) -> None:
                                       f"the metadata needs {size})")
 
 
-def check_files(folder: Path, verify: bool = True) -> None:
-    """The file check of every load path: the manifest's sizes and checksums (integrity.py),
-    or for an older checkpoint without one, the shard sizes its DCP metadata needs."""
+def check_files(folder: Path, verify: bool = True, dcp: bool = True) -> None:
+    """The file check of every load path (part of trust.check_before_load): the manifest's
+    sizes and checksums (integrity.py), or for an older DCP checkpoint without one, the shard
+    sizes its metadata needs."""
     try:
         verified = verify_checkpoint(folder, verify)
     except ChecksumError as e:
         raise CheckpointToolError(str(e)) from None
-    if not verified:
+    if not verified and dcp:
         check_shards(folder)
 
 
@@ -220,13 +221,12 @@ class CheckpointReader:
         if backend.get("sharded_backend") != "torch_dist":
             raise CheckpointToolError(f"{self.folder / BACKEND_FILE}: sharded backend "
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
-        check_files(self.folder, verify)  # sizes and checksums before a byte is parsed
-        # the metadata through the allowlist, then every other pickle: nothing in the folder
-        # runs code, and what read_object_bytes hands on to be copied has been validated
+        # sizes and checksums, then every pickle: nothing in the folder runs code, and what
+        # read_object_bytes hands on to be copied has been validated
         from megatron_t2i.checkpoint.trust import check_before_load
 
+        check_before_load(self.folder, verify)
         self._metadata = read_safe_metadata(self.folder)
-        check_before_load(self.folder)
         self._storage = FileSystemReader(str(self.folder))
         self._storage.set_up_storage_reader(self._metadata, is_coordinator=True)
 

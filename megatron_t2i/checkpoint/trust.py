@@ -7,7 +7,9 @@ A trainer checkpoint holds pickles that its own libraries open unsafely: torch D
 any of them runs code the moment the checkpoint is loaded.
 
 `check_before_load(folder)` is the one gate every load path calls first (resume, pretrained
-init, evaluation and generation, the checkpoint tools, DeepSpeed resume). It reads every
+init, evaluation and generation, the checkpoint tools, DeepSpeed resume). It first checks that
+the files are whole (the checkpoint's manifest of sizes and checksums, `integrity.py`; for a
+checkpoint saved before manifests, the shard sizes its DCP metadata needs), then reads every
 pickle of the folder the safe way, before any library touches it:
 
 - each DCP `.metadata` through `read_dcp_metadata`, an unpickler that builds only the DCP
@@ -41,7 +43,7 @@ from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from megatron_t2i.checkpoint.io import CheckpointToolError
+from megatron_t2i.checkpoint.io import CheckpointToolError, check_files
 
 # What a DCP `.metadata` is made of (torch 2.6-2.13 and megatron-core's torch_dist writer):
 # dataclasses rebuilt field by field, and enums looked up by value. No callable here can
@@ -147,11 +149,14 @@ def load_object(source: Path | bytes, where: str | Path, deepspeed: bool = False
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def check_before_load(folder: str | Path) -> None:
-    """Validate every pickle in a checkpoint folder (see the module doc); call it before any
-    library loads the folder. Raises UntrustedCheckpoint (or CheckpointToolError for a file
-    that is not readable at all)."""
+def check_before_load(folder: str | Path, verify: bool = True, dcp: bool = True) -> None:
+    """The files whole, then every pickle in a checkpoint folder validated (see the module
+    doc); call it before any library loads the folder. `verify=False` skips only the hashing;
+    `dcp=False` for a DeepSpeed folder (no DCP metadata to size shards against when it has no
+    manifest). Raises UntrustedCheckpoint, or CheckpointToolError for a file that is damaged
+    or not readable at all."""
     folder = Path(folder)
+    check_files(folder, verify, dcp)
     for path in sorted(folder.glob("*.metadata")):  # DCP's `.metadata` (and per-rank ones)
         check_dcp_objects(folder, read_dcp_metadata(path))
     for path in sorted(folder.rglob("*.pt")):

@@ -64,7 +64,7 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     checkpoint's model weights into them, resharded. Returns (config, chunks in eval mode,
     vocabulary layout, padded vocabulary size)."""
     folder = checkpointing.resolve_checkpoint_folder(Path(checkpoint_path))
-    checkpointing.check_files(folder)  # checksums, before any process group or model exists
+    checkpointing.check_loadable(folder)  # before any process group or model exists
     meta = checkpointing.read_meta(folder)
     checkpointing.check_engine(folder, meta, "megatron")
     cfg = eval_config(meta, tp, pp, device)

@@ -80,11 +80,13 @@ def resolve_checkpoint_folder(path: Path) -> Path:
     return iteration_dir(path, iteration)
 
 
-def check_trusted(folder: Path) -> None:
-    """Every pickle of the folder validated (checkpoint/trust.py) before megatron-core, DCP or
-    DeepSpeed open it: their own loaders would run any code a crafted file holds."""
+def check_loadable(folder: Path, verify: bool = True, dcp: bool = True) -> None:
+    """The pre-load gate (checkpoint/trust.py) with the trainer's error type: the files whole
+    (manifest sizes and checksums; `verify=False` skips only the hashing), then every pickle
+    validated before megatron-core, DCP or DeepSpeed open them: their own loaders would run
+    any code a crafted file holds."""
     try:
-        check_before_load(folder)
+        check_before_load(folder, verify, dcp)
     except CheckpointToolError as e:
         raise CheckpointError(str(e)) from None
 
@@ -257,11 +259,10 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
     """Load model (resharded as needed), optimizer, scheduler, RNG and the train state.
     `extras` (sharded state dicts by top-level key, as saved) are replaced in place by the
     loaded values."""
-    check_files(folder, verify)
+    check_loadable(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
-    check_trusted(folder)
     same_layout = _same_parallel_layout(meta.get("parallel", {}))
     sharded = model_sharded_state_dict(chunks)
     with_optimizer = load_optimizer and meta.get("has_optimizer", False)
@@ -296,37 +297,15 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
 def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: VocabLayout,
                        padded_vocab_size: int, verify: bool = True) -> None:
     """Only the model tensors (resharded to this run's TP/PP), e.g. a pretrained init."""
-    check_files(folder, verify)
+    check_loadable(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
     check_vocab(folder, meta, layout, padded_vocab_size)
-    check_trusted(folder)
     with torch.no_grad():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
     _apply_model(chunks, loaded)
 
 
-def check_files(folder: Path, verify: bool = True) -> None:
-    """The shard check every load path makes before reading: the manifest's sizes and
-    checksums (a flipped byte is refused naming the file), or the sizes the DCP metadata needs
-    for a checkpoint saved before manifests. `verify=False` skips only the hashing."""
-    from megatron_t2i.checkpoint.io import CheckpointToolError
-    from megatron_t2i.checkpoint.io import check_files as check_checkpoint_files
-
-    try:
-        check_checkpoint_files(folder, verify)
-    except CheckpointToolError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def verify_manifest(folder: Path, verify: bool = True) -> None:
-    """The manifest check alone (a DeepSpeed checkpoint has no DCP metadata to size-check)."""
-    from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint
-
-    try:
-        verify_checkpoint(folder, verify)
-    except ChecksumError as e:
-        raise CheckpointError(str(e)) from None
 
 
 def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:

@@ -74,12 +74,12 @@ class DeepSpeedTrainer(Trainer):
         folder = self._resume_folder()
         if folder is None:
             return
-        checkpointing.verify_manifest(folder, self.cfg.checkpoint.verify_checksums)
+        # files whole and every pickle validated: DeepSpeed unpickles with weights_only=False
+        checkpointing.check_loadable(folder, self.cfg.checkpoint.verify_checksums, dcp=False)
         meta = checkpointing.read_meta(folder)
         checkpointing.check_engine(folder, meta, ENGINE)
         checkpointing.check_vocab(folder, meta, self.data.layout, self.padded_vocab_size)
         _check_same_sharding(folder, meta, self.cfg.deepspeed.zero_stage)
-        checkpointing.check_trusted(folder)  # DeepSpeed unpickles with weights_only=False
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                                 load_lr_scheduler_states=False)
         if client is None:
