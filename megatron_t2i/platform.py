@@ -1,6 +1,6 @@
 """CUDA + NCCL when GPUs are present; CPU + gloo otherwise.
 
-megatron-core 0.16.1 assumes CUDA in a handful of places (see ../shared/stack-facts.md):
+megatron-core 0.16.1 assumes CUDA in a handful of places (listed in docs/platform.md):
 the RNG tracker, `torch.cuda.current_device()`, hard-coded `device="cuda"` / `.cuda()` in the
 pipeline schedules and p2p code, `torch.cuda.synchronize`, streams and events in DDP, and
 `Tensor.type()` string checks in grad clipping and the optimizers.
