@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,31 @@ TINY = [
     "train.sample_at_end=false", "train.sample_interval=null",  # tests that want samples turn them on
     "data.caption_dropout=0.0",  # the losses the tests compare see every caption
 ]
+
+
+# What a launcher sets: removed so that an in-process world of one is not mistaken for a job.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
+               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")
+
+
+@contextmanager
+def world_of_one() -> Iterator[None]:
+    """The CPU platform and a gloo world of one rank in this process (megatron-core asks for
+    the parallel ranks), torn down and the launcher variables restored on exit."""
+    from megatron_t2i.config import ParallelConfig
+    from megatron_t2i.distributed import destroy_distributed, init_distributed
+    from megatron_t2i.platform import select_platform, uninstall_cpu_compat
+
+    saved = {v: os.environ.pop(v) for v in LAUNCH_VARS if v in os.environ}
+    select_platform("cpu")
+    init_distributed(ParallelConfig(), device="cpu")
+    try:
+        yield
+    finally:
+        destroy_distributed()
+        uninstall_cpu_compat()
+        os.environ.update(saved)
 
 
 def pytest_addoption(parser):

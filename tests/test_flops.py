@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Iterator
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,27 +169,13 @@ def _gpt_model_flops(model_cfg: ModelConfig, vocab: int, batch: int) -> int:
     return counter.get_total_flops()
 
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
-               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")
 
 
 @pytest.fixture(scope="module")
 def world_of_one() -> Iterator[None]:
-    """gloo with one rank, as tests/test_platform.py's single_process_group (module scope)."""
-    from megatron_t2i.config import ParallelConfig
-    from megatron_t2i.distributed import destroy_distributed, init_distributed
-    from megatron_t2i.platform import select_platform, uninstall_cpu_compat
-
-    saved = {v: os.environ.pop(v) for v in LAUNCH_VARS if v in os.environ}
-    select_platform("cpu")
-    init_distributed(ParallelConfig(), device="cpu")
-    try:
+    """gloo with one rank, for the whole module."""
+    with conftest.world_of_one():
         yield
-    finally:
-        destroy_distributed()
-        uninstall_cpu_compat()
-        os.environ.update(saved)
 
 
 @pytest.mark.parametrize("overrides", [

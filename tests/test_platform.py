@@ -8,11 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import world_of_one
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import random as mrandom
 
-from megatron_t2i.config import ParallelConfig
-from megatron_t2i.distributed import destroy_distributed, init_distributed
 from megatron_t2i.platform import (
     Platform,
     cpu_compat_active,
@@ -29,9 +28,6 @@ ORIGINAL_CUDA = {name: getattr(torch.cuda, name) for name in CUDA_NAMES}
 ORIGINAL_MEGATRON = {name: getattr(mrandom, name)
                      for name in ("_get_cuda_rng_state", "_set_cuda_rng_state")}
 HAS_CUDA = torch.cuda.is_available()
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
-               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -172,17 +168,10 @@ def test_auto_without_cuda_chooses_cpu() -> None:
 # ---- megatron-core's RNG tracker on the CPU ----------------------------------------------
 
 @pytest.fixture
-def single_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def single_process_group() -> Iterator[None]:
     """A world of one with gloo (model_parallel_cuda_manual_seed asks for the TP rank)."""
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    select_platform("cpu")
-    init_distributed(ParallelConfig(), device="cpu")
-    try:
+    with world_of_one():
         yield
-    finally:
-        destroy_distributed()
-        uninstall_cpu_compat()
 
 
 def test_rng_tracker_forks_reproducible_cpu_streams(single_process_group: None,
