@@ -49,6 +49,10 @@ class Trainer:
         self.cfg = cfg
         self.iteration = 0
         self.consumed_samples = 0
+        self.skips_in_a_row = 0  # skipped updates under nan_policy=skip (not resumed)
+        self.skips_total = 0
+        self._skip_reason = ""
+        self._preempted = False
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, build_data: Callable[[Config, Platform], DataPipeline] | None = None) -> None:
@@ -292,16 +296,16 @@ class Trainer:
         if self.cfg.train.nan_policy != "skip":
             return
         skipped = report.get("skipped", 0.0) > 0
-        self.skips_in_a_row = getattr(self, "skips_in_a_row", 0) + 1 if skipped else 0
-        self.skips_total = getattr(self, "skips_total", 0) + int(skipped)
+        self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
+        self.skips_total += int(skipped)
         report.update(skips_in_a_row=self.skips_in_a_row, skips_total=self.skips_total)
 
     def _stop_after_too_many_skips(self) -> None:
         """The floor under nan_policy=skip: a run that skips every update has diverged."""
         limit = self.cfg.train.max_consecutive_skips
-        if getattr(self, "skips_in_a_row", 0) < limit:
+        if self.skips_in_a_row < limit:
             return
-        reason = getattr(self, "_skip_reason", f"non-finite values at iteration {self.iteration}")
+        reason = self._skip_reason or f"non-finite values at iteration {self.iteration}"
         raise faults.NonFiniteLoss(
             f"{reason}; {limit} updates in a row were skipped (train.max_consecutive_skips="
             f"{limit}), which ended the run: resume from the last checkpoint with a lower "
@@ -434,23 +438,20 @@ class Trainer:
     def _log_startup(self) -> None:
         # each element once whatever the TP / PP layout (a sum over the model-parallel group
         # counts TP-replicated norms TP times and a tied output layer twice at PP > 1)
-        total = count_parameters(self.chunks, self.freeze,
-                                 parallel_state.get_model_parallel_group(),
-                                 self.platform.device())["total"]
+        counts = count_parameters(self.chunks, self.freeze,
+                                  parallel_state.get_model_parallel_group(),
+                                  self.platform.device())
         p = checkpointing.parallel_layout()
         self._print(f"platform {self.platform.device_type}/{self.platform.backend}, "
                     f"world {dist.get_world_size()} = TP {p['tensor_model_parallel_size']} x "
                     f"PP {p['pipeline_model_parallel_size']} x DP {p['data_parallel_size']}; "
-                    f"{total:,} parameters (with embeddings); vocabulary "
+                    f"{counts['total']:,} parameters (with embeddings); vocabulary "
                     f"{self.data.layout.size} ids padded to {self.padded_vocab_size}; "
                     f"{self.data.num_microbatches} microbatches per step")
-        self._log_parameter_counts()
+        self._log_parameter_counts(counts)
 
-    def _log_parameter_counts(self) -> None:
+    def _log_parameter_counts(self, counts: dict[str, Any]) -> None:
         """What trains: printed, and written to <run_dir>/parameters.json."""
-        counts = count_parameters(self.chunks, self.freeze,
-                                  parallel_state.get_model_parallel_group(),
-                                  self.platform.device())
         self._print(f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} "
                     f"frozen (model.freeze={counts['freeze']})")
         if self.rank == 0:
@@ -475,7 +476,7 @@ class Trainer:
         # last: a launcher's SIGTERM to the other ranks after a preemption must not cut
         # their sinks short; after a preemption never: that SIGTERM may come while the
         # interpreter exits, and must leave this rank's 75 alone (training/faults.py)
-        if getattr(self, "_preempted", False):
+        if self._preempted:
             self.exit_signals.ignore()
         else:
             self.exit_signals.restore()
