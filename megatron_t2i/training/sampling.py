@@ -57,14 +57,15 @@ def held_out_captions(cfg: Config, layout: VocabLayout, count: int) -> list[str]
     validation split) of the run's first image-caption token files."""
     from megatron_t2i.data.dataset import split_documents
     from megatron_t2i.data.indexed import open_indexed
-    from megatron_t2i.data.loader import resolve_sources
+    from megatron_t2i.data.loader import document_split_seed, resolve_sources
     from megatron_t2i.eval.loading import text_tokenizer_for
 
     sources = [s for s in resolve_sources(cfg)[0] if not s.is_text]
     if not sources:
         return []
     indexed = open_indexed(sources[0].prefix, layout)
-    _, valid, test = split_documents(len(indexed), cfg.data.split, seed=cfg.train.seed)
+    _, valid, test = split_documents(len(indexed), cfg.data.split,
+                                    seed=document_split_seed(cfg))
     text = text_tokenizer_for(cfg)
     captions = []
     for doc_id in (test if len(test) else valid):
