@@ -59,6 +59,20 @@ class ModelConfig:
     # logit growth in mixed text-image training (Chameleon, Lumina-mGPT); off in the paper.
     qk_layernorm: bool = False
 
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        """The MLP hidden size the model is built with; the one place this default lives.
+
+        SwiGLU has three matrices instead of two, so its default width is 8/3 x hidden (same
+        parameter count as a 4 x hidden GeLU MLP), rounded up to a multiple of 64 so the
+        matmuls tile well on tensor cores (4096 -> 10944; LLaMA rounds to 256, giving 11008).
+        """
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return 64 * -(-8 * self.hidden_size // (3 * 64))  # ceil(8h/3) to a multiple of 64
+        return 4 * self.hidden_size
+
 
 @dataclasses.dataclass
 class ParallelConfig:
