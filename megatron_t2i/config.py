@@ -448,7 +448,7 @@ def validate(cfg: Config, world_size: int) -> None:
                           f"{cfg.data.image_tokens_per_sample} image codes [eoi]")
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
         raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
-    _split_weights(cfg.data.split)
+    split_weights(cfg.data.split)
     _check_ranges(cfg)
     _check_training_extras(t)
     if t.ema_decay is not None and p.overlap_param_gather:
@@ -578,7 +578,8 @@ def caption_budget(cfg: Config) -> int:
     return cfg.model.seq_length + 1 - 3 - cfg.data.image_tokens_per_sample
 
 
-def _split_weights(split: str) -> list[float]:
+def split_weights(split: str) -> list[float]:
+    """data.split ("90,5,5") as train/valid/test weights; refuses malformed values."""
     try:
         weights = [float(x) for x in split.split(",")]
     except ValueError:

@@ -23,23 +23,16 @@ from typing import Any
 
 from megatron_t2i.config import ConfigError, DataConfig
 from megatron_t2i.data import synthetic
-from megatron_t2i.data.dataset import make_document
+from megatron_t2i.data.documents import make_document
 from megatron_t2i.data.indexed import paths, write_indexed
 from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
-from megatron_t2i.tokenizers.text import SentencePieceTokenizer, TextTokenizer
+from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 from megatron_t2i.vocab import VocabLayout
 
 FORMAT = 1  # bump when the generation changes, so old caches are not reused
 KMEANS_ITERS = 20
 _FILES = {"text": "text.model", "image": "image_vq.npz", "tokens": "tokens",
           "params": "params.json"}
-
-
-def build_layout(text_tokenizer: TextTokenizer, image_vocab_size: int) -> VocabLayout:
-    """The vocabulary layout of a text tokenizer plus an image codebook."""
-    return VocabLayout(text_size=text_tokenizer.vocab_size, image_size=image_vocab_size,
-                       bos_id=text_tokenizer.bos_id, eod_id=text_tokenizer.eos_id,
-                       text_pad_id=text_tokenizer.pad_id)
 
 
 def prepare_demo_corpus(data_cfg: DataConfig, seed: int
@@ -59,8 +52,7 @@ def prepare_demo_corpus(data_cfg: DataConfig, seed: int
         print(f"demo corpus: reusing {folder}", flush=True)
     text = SentencePieceTokenizer.load(folder / _FILES["text"])
     image = KMeansPatchVQ.load(folder / _FILES["image"])
-    return str(folder / _FILES["tokens"]), build_layout(text, params["image_vocab_size"]), \
-        text, image
+    return str(folder / _FILES["tokens"]), VocabLayout.from_tokenizers(text, image), text, image
 
 
 def generation_params(data_cfg: DataConfig, seed: int) -> dict[str, Any]:
@@ -123,7 +115,7 @@ def _generate(out: Path, params: dict[str, Any]) -> None:
     image.save(out / _FILES["image"])
     codes = image.encode(corpus.images)
     stage(f"fitted a {image.codebook_size}-code k-means patch VQ and encoded the images")
-    layout = build_layout(text, params["image_vocab_size"])
+    layout = VocabLayout.from_tokenizers(text, image)
     captions = [text.encode(c) for c in corpus.captions]
     write_indexed(out / _FILES["tokens"],
                   (make_document(c, k, layout) for c, k in zip(captions, codes)), layout,
