@@ -380,18 +380,108 @@ def _device(cfg: Config) -> str:
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Refuse combinations megatron-core cannot run, naming the keys involved."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                   p.virtual_pipeline_model_parallel_size)
-    _positive(cfg, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
-                    "model.seq_length", "parallel.tensor_model_parallel_size",
-                    "parallel.pipeline_model_parallel_size", "train.train_iters",
-                    "train.micro_batch_size", "train.global_batch_size", "train.log_interval",
-                    "data.text_vocab_size", "data.image_tokens_per_sample"])
+    """Refuse combinations megatron-core cannot run, naming the keys involved: each section
+    checks itself (_SECTION_CHECKS), then the rules that join sections and the world size."""
+    for section, check in _SECTION_CHECKS.items():
+        _check_ranges(getattr(cfg, section), section)
+        check(getattr(cfg, section))
+    _check_parallel_layout(cfg, world_size)
+    _check_layer_implementation(cfg)
+    budget = caption_budget(cfg)
+    if budget < 1:
+        raise ConfigError(f"model.seq_length={cfg.model.seq_length} leaves no room for a "
+                          f"caption: a sample holds [bos] caption [boi] "
+                          f"{cfg.data.image_tokens_per_sample} image codes [eoi]")
+    if cfg.train.ema_decay is not None and cfg.parallel.overlap_param_gather:
+        raise ConfigError("train.ema_decay needs parallel.overlap_param_gather=false (the "
+                          "average reads the parameters right after the optimizer step)")
+    if cfg.model.freeze and cfg.train.engine != "megatron":
+        raise ConfigError("model.freeze is implemented for train.engine=megatron only")
+    if cfg.train.engine == "deepspeed":
+        _check_deepspeed(cfg, world_size)
+
+
+# ---- each section on its own -------------------------------------------------------------
+
+def _check_model(m: ModelConfig) -> None:
+    _positive(m, "model", ["num_layers", "hidden_size", "num_attention_heads", "seq_length"])
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                           f"model.num_attention_heads={m.num_attention_heads}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
+    if m.freeze:
+        _check_freeze_names(m.freeze, tied_embeddings=not m.untie_embeddings_and_output_weights)
+
+
+def _check_parallel(p: ParallelConfig) -> None:
+    _positive(p, "parallel", ["tensor_model_parallel_size", "pipeline_model_parallel_size"])
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None and (p.pipeline_model_parallel_size < 2 or vpp < 2):
+        raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                          "parallel.pipeline_model_parallel_size >= 2 and a value >= 2")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs "
+                          "parallel.use_distributed_optimizer=true")
+
+
+def _check_data(d: DataConfig) -> None:
+    _positive(d, "data", ["text_vocab_size", "image_tokens_per_sample"])
+    split_weights(d.split)
+    _check_data_paths(d)
+
+
+def check_demo_corpus(d: DataConfig) -> None:
+    """The synthetic demo corpus's settings (data/demo.py checks them when it is used)."""
+    size, patch = d.synthetic_image_size, d.synthetic_patch_size
+    if d.synthetic_samples < 1:
+        raise ConfigError(f"data.synthetic_samples must be positive, got {d.synthetic_samples}")
+    if patch < 1 or size % patch:
+        raise ConfigError(f"data.synthetic_image_size={size} is not a multiple of "
+                          f"data.synthetic_patch_size={patch}")
+    if (size // patch) ** 2 != d.image_tokens_per_sample:
+        raise ConfigError(f"data.image_tokens_per_sample={d.image_tokens_per_sample} "
+                          f"but {size}px images in {patch}x{patch} patches give "
+                          f"{(size // patch) ** 2} codes; set one to match the other")
+    if d.image_vocab_size < 1:
+        raise ConfigError(f"data.image_vocab_size must be positive, got {d.image_vocab_size}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+    # Warmup beyond train.train_iters stays allowed: short benchmark and smoke runs of the
+    # recipes (2,000 warmup iterations) stop inside it on purpose.
+    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
+        raise ConfigError(f"optim.lr_warmup_iters={o.lr_warmup_iters} is above "
+                          f"optim.lr_decay_iters={o.lr_decay_iters}")
+
+
+def _check_train(t: TrainConfig) -> None:
+    _positive(t, "train", ["train_iters", "micro_batch_size", "global_batch_size",
+                           "log_interval"])
+    _check_training_extras(t)
+    _check_exit_signals(t.exit_signals)
+
+
+def _ranges_only(section: Any) -> None:
+    """Sections whose only rules are the numeric ranges of _RANGES."""
+
+
+_SECTION_CHECKS: dict[str, Any] = {
+    "model": _check_model, "parallel": _check_parallel, "data": _check_data,
+    "optim": _check_optim, "train": _check_train, "deepspeed": _ranges_only,
+    "checkpoint": _ranges_only, "logging": _ranges_only,
+}
+
+
+# ---- rules that join sections ------------------------------------------------------------
+
+def _check_parallel_layout(cfg: Config, world_size: int) -> None:
+    """The model and the batch split over tensor, pipeline and data parallel ranks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                   p.virtual_pipeline_model_parallel_size)
     if m.num_attention_heads % tp:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible "
                           f"by parallel.tensor_model_parallel_size={tp}")
@@ -400,10 +490,6 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"model.num_query_groups={groups} must divide "
                           f"model.num_attention_heads and be divisible by "
                           f"parallel.tensor_model_parallel_size={tp}")
-    if vpp is not None:
-        if pp < 2 or vpp < 2:
-            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
-                              "parallel.pipeline_model_parallel_size >= 2 and a value >= 2")
     if m.num_layers % (pp * (vpp or 1)):
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
                           f"parallel.pipeline_model_parallel_size x "
@@ -421,16 +507,21 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"the interleaved schedule needs the number of microbatches "
                           f"({microbatches}) to be a multiple of "
                           f"parallel.pipeline_model_parallel_size={pp}")
+
+
+def _check_layer_implementation(cfg: Config) -> None:
+    """Transformer Engine, sequence parallel, FP8 and the device must fit together."""
+    p, t = cfg.parallel, cfg.train
     te = uses_transformer_engine(cfg)
     if p.sequence_parallel and not te:
         raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers "
                           "(megatron-core's local spec uses torch LayerNorm, which cannot); "
                           "set parallel.sequence_parallel=false or install transformer-engine")
-    if p.sequence_parallel and tp == 1:
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
     if t.fp8 is not None and not te:
         raise ConfigError("train.fp8 needs Transformer Engine on a GPU")
-    if m.transformer_impl == "transformer_engine" and not transformer_engine_available():
+    if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine "
                           "does not import on a CUDA device here")
     if _device(cfg) == "cuda":
@@ -438,28 +529,6 @@ def validate(cfg: Config, world_size: int) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible")
-    if p.overlap_param_gather and not p.use_distributed_optimizer:
-        raise ConfigError("parallel.overlap_param_gather needs "
-                          "parallel.use_distributed_optimizer=true")
-    budget = caption_budget(cfg)
-    if budget < 1:
-        raise ConfigError(f"model.seq_length={m.seq_length} leaves no room for a caption: "
-                          f"a sample holds [bos] caption [boi] "
-                          f"{cfg.data.image_tokens_per_sample} image codes [eoi]")
-    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
-        raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
-    split_weights(cfg.data.split)
-    _check_ranges(cfg)
-    _check_training_extras(t)
-    if t.ema_decay is not None and p.overlap_param_gather:
-        raise ConfigError("train.ema_decay needs parallel.overlap_param_gather=false (the "
-                          "average reads the parameters right after the optimizer step)")
-    _check_exit_signals(t.exit_signals)
-    _check_data_paths(cfg.data)
-    if m.freeze:
-        _check_freeze(cfg)
-    if t.engine == "deepspeed":
-        _check_deepspeed(cfg, world_size)
 
 
 # Numeric ranges, as intervals ("(" / ")" exclusive, "[" / "]" inclusive); a null value of an
@@ -494,20 +563,13 @@ def _in_interval(value: float, interval: str) -> bool:
     return above and below
 
 
-def _check_ranges(cfg: Config) -> None:
+def _check_ranges(values: Any, section: str) -> None:
     for key, interval in _RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        if key.split(".")[0] != section:
+            continue
+        value = getattr(values, key.split(".")[1])
         if value is not None and not _in_interval(value, interval):
             raise ConfigError(f"{key}={value} is outside {interval}")
-    o = cfg.optim
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
-    # Warmup beyond train.train_iters stays allowed: short benchmark and smoke runs of the
-    # recipes (2,000 warmup iterations) stop inside it on purpose.
-    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
-        raise ConfigError(f"optim.lr_warmup_iters={o.lr_warmup_iters} is above "
-                          f"optim.lr_decay_iters={o.lr_decay_iters}")
 
 
 def _check_data_paths(d: DataConfig) -> None:
@@ -530,13 +592,6 @@ def _check_training_extras(t: TrainConfig) -> None:
 # Parameter groups model.freeze may name (megatron_t2i/model/freeze.py applies them).
 FREEZE_GROUPS = ("embeddings", "output_layer", "attention", "mlp", "norms", "transformer",
                  "text_rows")
-
-
-def _check_freeze(cfg: Config) -> None:
-    _check_freeze_names(cfg.model.freeze,
-                        tied_embeddings=not cfg.model.untie_embeddings_and_output_weights)
-    if cfg.train.engine != "megatron":
-        raise ConfigError("model.freeze is implemented for train.engine=megatron only")
 
 
 def _check_freeze_names(names: list[str], tied_embeddings: bool) -> None:
@@ -589,12 +644,11 @@ def split_weights(split: str) -> list[float]:
     return weights
 
 
-def _positive(cfg: Config, keys: list[str]) -> None:
-    for key in keys:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+def _positive(values: Any, section: str, names: list[str]) -> None:
+    for name in names:
+        value = getattr(values, name)
         if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+            raise ConfigError(f"{section}.{name} must be positive, got {value}")
 
 
 def save_resolved(cfg: Config, path: str | Path) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_t2i.config import ConfigError, DataConfig
+from megatron_t2i.config import DataConfig, check_demo_corpus
 from megatron_t2i.data import synthetic
 from megatron_t2i.data.documents import make_document
 from megatron_t2i.data.indexed import paths, write_indexed
@@ -57,20 +57,8 @@ def prepare_demo_corpus(data_cfg: DataConfig, seed: int
 
 def generation_params(data_cfg: DataConfig, seed: int) -> dict[str, Any]:
     """Everything the generated files depend on, after checking it is consistent."""
+    check_demo_corpus(data_cfg)
     size, patch = data_cfg.synthetic_image_size, data_cfg.synthetic_patch_size
-    if data_cfg.synthetic_samples < 1:
-        raise ConfigError(f"data.synthetic_samples must be positive, got "
-                          f"{data_cfg.synthetic_samples}")
-    if patch < 1 or size % patch:
-        raise ConfigError(f"data.synthetic_image_size={size} is not a multiple of "
-                          f"data.synthetic_patch_size={patch}")
-    if (size // patch) ** 2 != data_cfg.image_tokens_per_sample:
-        raise ConfigError(f"data.image_tokens_per_sample={data_cfg.image_tokens_per_sample} "
-                          f"but {size}px images in {patch}x{patch} patches give "
-                          f"{(size // patch) ** 2} codes; set one to match the other")
-    if data_cfg.image_vocab_size < 1:
-        raise ConfigError(f"data.image_vocab_size must be positive, got "
-                          f"{data_cfg.image_vocab_size}")
     return {"format": FORMAT, "seed": seed, "samples": data_cfg.synthetic_samples,
             "image_size": size, "patch_size": patch,
             "image_vocab_size": data_cfg.image_vocab_size,
