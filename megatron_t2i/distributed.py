@@ -1,13 +1,13 @@
 """Process groups from whichever launcher started us: torchrun, srun (Slurm), mpirun, or none.
 
-    env = init_distributed(cfg.parallel, device="cpu", seed=cfg.train.seed)
+    env = init_distributed(cfg.parallel, platform.device_type)
     ...
     destroy_distributed()
 
 The launcher only has to start the processes; this module finds out who is who (rank, world
 size, local rank, where rank 0 listens), exports the variables torch's `env://` rendezvous
-reads, starts the default process group and then megatron-core's tensor / pipeline /
-data-parallel groups.
+reads, starts the default process group (backend: `parallel.distributed_backend`, "auto"
+resolved by the platform) and then megatron-core's tensor / pipeline / data-parallel groups.
 """
 
 from __future__ import annotations
