@@ -279,7 +279,6 @@ def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:
     m = meta["config"]["model"]
     layout = VocabLayout.from_dict(meta["vocab"])
     from megatron_t2i.config import ModelConfig
-    from megatron_t2i.training.flops import resolved_ffn_hidden_size
 
     mc = ModelConfig(**{k: v for k, v in m.items()
                         if k in {f.name for f in dataclasses.fields(ModelConfig)}})
@@ -287,7 +286,7 @@ def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:
         num_layers=m["num_layers"], hidden_size=m["hidden_size"],
         num_attention_heads=m["num_attention_heads"],
         num_query_groups=m.get("num_query_groups") or m["num_attention_heads"],
-        ffn_hidden_size=resolved_ffn_hidden_size(mc), vocab_size=layout.size,
+        ffn_hidden_size=mc.resolved_ffn_hidden_size, vocab_size=layout.size,
         normalization=m["normalization"], norm_epsilon=m["norm_epsilon"],
         rotary_base=m["rotary_base"], tied=not m["untie_embeddings_and_output_weights"],
         max_position_embeddings=m.get("max_position_embeddings") or m["seq_length"],

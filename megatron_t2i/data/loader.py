@@ -28,7 +28,7 @@ from megatron_t2i.data.demo import prepare_demo_corpus
 from megatron_t2i.data.indexed import DataFileError, open_indexed, paths, read_sidecar
 from megatron_t2i.data.sampler import DataParallelSampler
 from megatron_t2i.platform import Platform
-from megatron_t2i.training.metrics import Stopwatch, TimedIterator
+from megatron_t2i.timers import Stopwatch, TimedIterator
 from megatron_t2i.vocab import VocabLayout, VocabMismatchError
 
 

@@ -35,8 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from megatron_t2i.data.dataset import make_document
-from megatron_t2i.data.demo import build_layout
+from megatron_t2i.data.documents import make_document, make_text_document
 from megatron_t2i.data.indexed import merge_indexed, paths
 from megatron_t2i.tokenizers import factory
 from megatron_t2i.tokenizers.image import ImageTokenizer
@@ -160,11 +159,12 @@ def load_tokenizers(settings: Settings) -> tuple[TextTokenizer, ImageTokenizer |
 
 def _layout(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None
             ) -> VocabLayout:
-    size = image.codebook_size if image is not None else settings.image_vocab_size
-    if size is None:
+    if image is None and settings.image_vocab_size is None:
         raise ValueError("text mode without an image tokenizer needs image_vocab_size, so the "
                          "layout matches the image-caption files it is blended with")
-    return build_layout(text, size)
+    if image is not None:
+        return VocabLayout.from_tokenizers(text, image)
+    return VocabLayout.from_tokenizers(text, image_size=settings.image_vocab_size)
 
 
 # ---- inputs and tasks --------------------------------------------------------------------
@@ -396,7 +396,7 @@ def process_task(task: Task, shard_dir: str) -> TaskResult:
         result.caption_tokens += len(caption_ids)
         result.max_caption_tokens = max(result.max_caption_tokens, len(caption_ids))
         if pixels is None:
-            doc = _text_document(caption_ids)
+            doc = make_text_document(caption_ids, _worker["layout"]).astype(np.int32)
             builder.add_document(doc, [len(doc)])
             result.documents += 1
         else:
@@ -451,11 +451,6 @@ def _encode_images(pending: list[tuple[Record, list[int], np.ndarray]],
     for (_, caption_ids, _), grid in zip(pending, codes):
         if grid is not None:
             yield make_document(caption_ids, grid, _worker["layout"]).astype(np.int32)
-
-
-def _text_document(ids: list[int]) -> np.ndarray:
-    layout: VocabLayout = _worker["layout"]
-    return np.asarray([layout.bos_id, *ids, layout.eod_id], dtype=np.int32)
 
 
 def _count(n: int) -> None:
