@@ -95,6 +95,7 @@ class TaskResult:
     caption_tokens: int = 0
     max_caption_tokens: int = 0
     caption_lengths: Counter = dataclasses.field(default_factory=Counter)  # tokens -> captions
+    id_range: tuple[int, int] | None = None  # smallest and largest token id written
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # src, why, msg
 
 
@@ -135,8 +136,10 @@ def preprocess(settings: Settings) -> Summary:
             raise ValueError(f"{settings.output_prefix}: no document written from "
                              f"{meta['records']} records; skipped: {meta['skipped']}")
         _write_skip_list(settings.output_prefix, results)
+        ranges = [r.id_range for r in results if r.id_range is not None]
         documents, tokens = merge_indexed(settings.output_prefix, [r.shard for r in results],
-                                          layout, meta)
+                                          layout, meta, (min(lo for lo, _ in ranges),
+                                                         max(hi for _, hi in ranges)))
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)
     sidecar = json.loads(paths(settings.output_prefix)["vocab.json"].read_text())
@@ -465,10 +468,15 @@ def process_task(task: Task, shard_dir: str) -> TaskResult:
     builder = IndexedDatasetBuilder(f"{result.shard}.bin", dtype=np.int32)
     pending: list[tuple[Record, list[int], np.ndarray]] = []
 
+    def add(doc: np.ndarray) -> None:
+        builder.add_document(doc, [len(doc)])
+        result.documents += 1
+        lo, hi = result.id_range or (int(doc.min()), int(doc.max()))
+        result.id_range = (min(lo, int(doc.min())), max(hi, int(doc.max())))
+
     def flush() -> None:
         for doc in _encode_images(pending, result):
-            builder.add_document(doc, [len(doc)])
-            result.documents += 1
+            add(doc)
         pending.clear()
 
     for record in read_records(task, s):
@@ -488,9 +496,7 @@ def process_task(task: Task, shard_dir: str) -> TaskResult:
         if pixels is not None and s.mode == "conditional":
             result.caption_lengths[len(caption_ids)] += 1
         if pixels is None:
-            doc = _text_document(caption_ids)
-            builder.add_document(doc, [len(doc)])
-            result.documents += 1
+            add(_text_document(caption_ids))
         else:
             pending.append((record, caption_ids, pixels))
             if len(pending) >= s.batch_size:
