@@ -179,3 +179,17 @@ def test_imported_text_trains_in_a_blend_and_an_edited_file_fails_naming_it(demo
     assert failed.returncode != 0
     assert f"{edited}: document " in failed.stderr
     assert f"outside the text range [0, {layout.text_size})" in failed.stderr
+
+
+def test_long_captions_are_counted_against_the_budget_at_training_start():
+    from megatron_t2i.data.loader import Source, long_captions_line
+
+    cfg = load_config(None, ["model.seq_length=20", "data.image_tokens_per_sample=8"])
+    sources = [Source("a", None, {"caption_token_counts": {"5": 10, "10": 3, "12": 1}}),
+               Source("b", None, {"caption_token_counts": {"11": 2}}),
+               Source("t", None, {"mode": "text"})]
+    line = long_captions_line(cfg, sources)  # budget 20 - 8 - 2 = 10 tokens
+    assert line.startswith("data: 3 of 16 captions (18.8%) are longer than the 10-token")
+    assert line.endswith("the longest has 12 tokens (a)")
+    assert "all 16 captions fit" in long_captions_line(
+        load_config(None, ["model.seq_length=22", "data.image_tokens_per_sample=8"]), sources)

@@ -150,8 +150,8 @@ class PackedTextDataset(torch.utils.data.Dataset):
 def document_problem(doc: np.ndarray, layout: VocabLayout) -> str | None:
     """What is wrong with a stored document's ids for its modality, or None: the caption
     (up to `<boi>`) holds text ids only, the image part image codes only, and the document
-    ends with `<eoi>`; a document without `<boi>` holds text ids only. A min/max per part:
-    a few microseconds next to the sample's own copying (see docs/data-hygiene.md)."""
+    ends with `<eoi>`; a document without `<boi>` holds text ids only. A min and a max per
+    part: microseconds per sample, against a step's milliseconds (docs/data-hygiene.md)."""
     hits = np.flatnonzero(doc == layout.boi_id)
     boi = int(hits[0]) if len(hits) else len(doc)
     parts = [("text", doc[:boi], 0, layout.text_size)]
