@@ -193,3 +193,23 @@ def test_long_captions_are_counted_against_the_budget_at_training_start():
     assert line.endswith("the longest has 12 tokens (a)")
     assert "all 16 captions fit" in long_captions_line(
         load_config(None, ["model.seq_length=22", "data.image_tokens_per_sample=8"]), sources)
+
+
+def test_add_id_range_to_an_older_sidecar(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    docs = [make_document([9, 10], rng.integers(0, 16, 4), LAYOUT) for _ in range(4)]
+    write_indexed(tmp_path / "old", docs, LAYOUT, meta={"mode": "conditional"})
+    side_path = paths(tmp_path / "old")["vocab.json"]
+    side = json.loads(side_path.read_text())
+    recorded = side.pop("id_range")
+    side_path.write_text(json.dumps(side))  # as written before sidecars had a range
+    with pytest.raises(DataFileError, match="no 'id_range'"):
+        open_indexed(tmp_path / "old", LAYOUT)
+    assert _tool().main([str(tmp_path / "old"), "--add-id-range"]) == 0
+    assert json.loads(side_path.read_text())["id_range"] == recorded
+    assert len(open_indexed(tmp_path / "old", LAYOUT)) == 4
+
+    _patch_token(tmp_path / "old", 2, 5, LAYOUT.size + 3)  # a padding row: refused
+    assert _tool().main([str(tmp_path / "old"), "--add-id-range"]) == 1
+    assert "document 2 holds id 71, outside the conditional files' range [0, 68)" in \
+        capsys.readouterr().err

@@ -6,10 +6,14 @@ fewer than 65,500 ids and int32 above; megatron-core's `IndexedDataset` reads bo
 files are used as they are: only `<prefix>.vocab.json` is new. It records `mode: "text"`
 (the documents are packed GPT-style, see dataset.PackedTextDataset), the text tokenizer's
 identity (blending refuses files written with another one) and the id range found.
+
+`add_id_range` does the same pass for token files written by this code before sidecars
+recorded an id range, so they need not be regenerated.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +22,16 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_t2i.data.demo import build_layout
 from megatron_t2i.data.indexed import (
+    MODES,
     DataFileError,
+    allowed_ids,
     check_token_arrays,
     paths,
     read_sidecar,
     write_sidecar,
 )
 from megatron_t2i.tokenizers import factory
+from megatron_t2i.vocab import VocabLayout
 
 CHUNK = 1 << 24  # tokens per step of the pass over the .bin (64 MiB of int32)
 
@@ -57,7 +64,27 @@ def import_text_tokens(prefix: str | Path, text_tokenizer: str, image_vocab_size
     return read_sidecar(prefix)
 
 
-def id_range(indexed: IndexedDataset, text_size: int, name: str) -> tuple[int, int] | None:
+def add_id_range(prefix: str | Path) -> dict[str, Any]:
+    """Record `id_range` in an existing sidecar that has a layout and a mode but no range,
+    after checking every id against what the mode allows; returns the new sidecar."""
+    p = paths(prefix)
+    side = read_sidecar(prefix)
+    if "layout" not in side or side.get("mode") not in MODES:
+        raise DataFileError(f"{p['vocab.json']}: needs a 'layout' and a 'mode' (one of "
+                            f"{list(MODES)}) to add an id range; for a text file without a "
+                            f"sidecar use --text-tokenizer")
+    check_token_arrays(prefix)
+    layout = VocabLayout.from_dict(side["layout"])
+    _, limit = allowed_ids(side["mode"], layout)  # both ranges start at 0
+    found = id_range(IndexedDataset(str(prefix), mmap=True), limit, str(p["bin"]),
+                     what=f"{side['mode']} files' range")
+    side["id_range"] = list(found) if found else None
+    p["vocab.json"].write_text(json.dumps(side, indent=2) + "\n")
+    return side
+
+
+def id_range(indexed: IndexedDataset, text_size: int, name: str,
+             what: str = "text tokenizer's range") -> tuple[int, int] | None:
     """(min, max) token id of the whole file (None if it has none) in one chunked pass over
     its memory map; raises at the first id outside [0, text_size), naming the sequence (one
     per document unless Megatron-LM split sentences), as the training checks do."""
@@ -69,7 +96,7 @@ def id_range(indexed: IndexedDataset, text_size: int, name: str) -> tuple[int, i
         if c_lo < 0 or c_hi >= text_size:
             bad = start + int(np.flatnonzero((chunk < 0) | (chunk >= text_size))[0])
             raise DataFileError(f"{name}: document {_sequence_at(indexed, bad)} holds id "
-                                f"{int(tokens[bad])}, outside the text tokenizer's range "
+                                f"{int(tokens[bad])}, outside the {what} "
                                 f"[0, {text_size})")
         lo = c_lo if lo is None else min(lo, c_lo)
         hi = c_hi if hi is None else max(hi, c_hi)
