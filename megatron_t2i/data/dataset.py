@@ -22,6 +22,7 @@ import torch
 
 from megatron_t2i.config import split_weights
 from megatron_t2i.data.documents import Sample, drop_caption, fit_document, make_sample
+from megatron_t2i.data.indexed import DataFileError
 from megatron_t2i.vocab import VocabLayout
 
 
@@ -52,6 +53,9 @@ class T2IDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         epoch, i = divmod(int(i), len(self.document_ids))
         doc = np.asarray(self.indexed[int(self.document_ids[i])], dtype=np.int64)
+        if problem := document_problem(doc, self.layout):
+            raise DataFileError(f"{_name(self.indexed)}: document {self.document_ids[i]} "
+                                f"{problem}")
         if self.caption_dropout and self.dropped(epoch)[i]:
             doc = drop_caption(doc, self.layout)
         doc, boi = fit_document(doc, self.layout, self.seq_length + 1)
@@ -91,7 +95,16 @@ class PackedTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         start = (int(i) % self.num_samples) * self.seq_length
         window = self._stream(start, self.seq_length + 1)  # full: no padding, all text
+        if window.min() < 0 or window.max() >= self.layout.text_size:  # one min/max a sample
+            self._refuse(start, window)
         return make_sample(window, None, self.layout.pad_id, self.seq_length)
+
+    def _refuse(self, start: int, sample: np.ndarray) -> None:
+        bad = int(np.flatnonzero((sample < 0) | (sample >= self.layout.text_size))[0])
+        d = int(np.searchsorted(self.starts, start + bad, side="right")) - 1
+        raise DataFileError(f"{_name(self.indexed)}: document {self.documents[d]} holds id "
+                            f"{sample[bad]}, outside the text range [0, "
+                            f"{self.layout.text_size}) of a text file")
 
     def _stream(self, start: int, length: int) -> np.ndarray:
         d = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -102,6 +115,31 @@ class PackedTextDataset(torch.utils.data.Dataset):
             pieces.append(self.indexed.get(int(self.documents[d]), offset, take))
             need, d = need - take, d + 1
         return np.concatenate(pieces).astype(np.int64)
+
+
+def document_problem(doc: np.ndarray, layout: VocabLayout) -> str | None:
+    """What is wrong with a stored document's ids for its modality, or None: the caption
+    (up to `<boi>`) holds text ids only, the image part image codes only, and the document
+    ends with `<eoi>`; a document without `<boi>` holds text ids only. A min and a max per
+    part: microseconds per sample, against a step's milliseconds (docs/data-hygiene.md)."""
+    hits = np.flatnonzero(doc == layout.boi_id)
+    boi = int(hits[0]) if len(hits) else len(doc)
+    parts = [("text", doc[:boi], 0, layout.text_size)]
+    if len(hits):
+        if doc[-1] != layout.eoi_id:
+            return f"does not end with <eoi> ({layout.eoi_id}) but with {doc[-1]}"
+        parts.append(("image", doc[boi + 1:-1], layout.image_start, layout.specials_start))
+    for what, part, lo, hi in parts:
+        if part.size and (part.min() < lo or part.max() >= hi):
+            value = part[(part < lo) | (part >= hi)][0]
+            return (f"holds id {value} in its {what} part, outside the {what} range "
+                    f"[{lo}, {hi})")
+    return None
+
+
+def _name(indexed) -> str:
+    """The token-file prefix of megatron-core's IndexedDataset, for messages."""
+    return str(getattr(indexed, "path_prefix", type(indexed).__name__))
 
 
 def split_documents(num_docs: int, split: str = "90,5,5",

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
 from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 from megatron_t2i.vocab import VocabLayout
 
-FORMAT = 1  # bump when the generation changes, so old caches are not reused
+FORMAT = 2  # bump when the generation changes, so old caches are not reused
 KMEANS_ITERS = 20
 _FILES = {"text": "text.model", "image": "image_vq.npz", "tokens": "tokens",
           "params": "params.json"}
@@ -108,7 +109,8 @@ def _generate(out: Path, params: dict[str, Any]) -> None:
     captions = [text.encode(c) for c in corpus.captions]
     write_indexed(out / _FILES["tokens"],
                   (make_document(c, k, layout) for c, k in zip(captions, codes)), layout,
-                  meta=_meta(text, image, params, max(map(len, captions))))
+                  meta={**_meta(text, image, params, max(map(len, captions))),
+                        "caption_token_counts": _length_counts(captions)})
     stage(f"wrote {len(captions)} documents (captions of up to {max(map(len, captions))} "
           f"tokens)")
     (out / _FILES["params"]).write_text(json.dumps(params, indent=2) + "\n")
@@ -116,12 +118,19 @@ def _generate(out: Path, params: dict[str, Any]) -> None:
 
 def _meta(text: SentencePieceTokenizer, image: KMeansPatchVQ, params: dict[str, Any],
           max_caption_tokens: int) -> dict[str, Any]:
-    return {"text_tokenizer": {"kind": "sentencepiece", "file": _FILES["text"],
+    return {"mode": "conditional",
+            "text_tokenizer": {"kind": "sentencepiece", "file": _FILES["text"],
                                "identity": text.identity()},
             "image_tokenizer": {"kind": "kmeans_patch_vq", "file": _FILES["image"],
                                 "identity": image.identity(),
                                 "tokens_per_image": image.tokens_per_image},
             "generation": params, "max_caption_tokens": max_caption_tokens}
+
+
+def _length_counts(captions: list[list[int]]) -> dict[str, int]:
+    """{"<tokens>": captions of that length}: the trainer counts those over its budget."""
+    counts = Counter(map(len, captions))
+    return {str(n): counts[n] for n in sorted(counts)}
 
 
 class _Stages:
