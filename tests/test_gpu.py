@@ -255,3 +255,23 @@ def test_planned_commands_name_real_configs_and_keys(tmp_path):
             overrides = [a for a in step.argv if "=" in a and not a.startswith("-")]
             validate(load_config(str(REPO / path), [*overrides, "train.device=cpu"]), 1)
     assert sum(s.timeout for s in steps) <= 600  # with install: the 9-minute budget cuts in
+
+
+def test_check_writes_each_steps_status_figures_and_time(tmp_path, monkeypatch):
+    """The check's flow past the CUDA probe (which is the one thing replaced here): steps run
+    in order, a step's figures come from its own part of a shared log, the summary holds
+    status, figures and wall time of each, and a failed step makes the exit status 1."""
+    line = json.dumps({"tokens_per_sec": 1000.0, "micro_batch_size": 4})
+    steps = [gpu_check.Step("bench_throughput_mb4", [sys.executable, "-c", f"print('{line}')"],
+                            30, "bench.log"),
+             gpu_check.Step("bench_throughput_mb8", [sys.executable, "-c", "raise SystemExit(1)"],
+                            30, "bench.log")]
+    monkeypatch.setattr(gpu_check, "cuda_device", lambda: "a GPU")
+    monkeypatch.setattr(gpu_check, "plan", lambda *args: steps)
+    assert gpu_check.check(tmp_path, None, budget_s=60) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    first, second = (summary["steps"][s.name] for s in steps)
+    assert (summary["status"], summary["device"]) == ("incomplete", "a GPU")
+    assert first["status"] == "ok" and first["figures"]["tokens_per_sec"] == 1000.0
+    assert second["status"] == "failed" and second["figures"] == {}  # not the first's line
+    assert all(r["wall_s"] >= 0 and r["log"] == "bench.log" for r in (first, second))
