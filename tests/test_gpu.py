@@ -53,7 +53,7 @@ def test_demo_bf16_sdpa_loss_falls_with_memory_figures(tmp_path, corpus_dir):
     losses = [r["loss"] for r in records]
     assert [r["iteration"] for r in records] == list(range(1, 41))
     assert all(math.isfinite(x) for x in losses), losses
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     # memory figures are logged only on the CUDA platform: their presence proves where it ran
     for r in records:
         assert 0 < r["memory_gib"] <= r["max_memory_gib"], r

@@ -3,9 +3,9 @@
 # (Python 3.12, x86_64 Linux; docs/gpu.md):
 #   tools/gpu_wheels.sh [DIR] [PACKAGE ...]        # default DIR: .whl (git-ignored)
 # Default packages: what the project needs beyond the GPU machine's image (megatron-core at the
-# project's pin; diffusers for MoVQGAN and importlib-metadata, which diffusers needs), at the
-# versions this checkout's venv runs. torch, Transformer Engine and CUDA libraries are never
-# fetched: the machine's own builds stay. Binary wheels only, no dependencies resolved
+# project's pin; diffusers for MoVQGAN, at the version this checkout's venv runs; diffusers
+# declares importlib-metadata but imports it only on Python < 3.8). torch, Transformer Engine
+# and CUDA libraries are never fetched: the machine's own builds stay. Binary wheels only, no dependencies resolved
 # (--no-deps): name each missing dependency. Fails if the folder exceeds 64 MiB.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +25,7 @@ if [[ $# -gt 0 ]]; then
 else
     core=$(grep -o '"megatron-core[^"]*"' "$repo/pyproject.toml" | tr -d '"')
     specs=("$core")
-    for name in diffusers importlib-metadata; do
+    for name in diffusers; do
         v=$(version_of "$name")
         specs+=("$name${v:+==$v}")
     done
