@@ -7,8 +7,8 @@
 # benchmark within 9 minutes; writes OUTDIR/summary.json and one log per step.
 # Without a CUDA device: one line on stderr, a summary saying so, exit status 1.
 set -euo pipefail
-if [[ $# -lt 1 || $# -gt 2 || $1 == -* ]]; then
-    echo "usage: tools/gpu_check.sh OUTDIR [WHEELS]" >&2
+if [[ $# -lt 1 ]]; then  # the rest is checked by argparse (exit status 2 as well)
+    echo "usage: tools/gpu_check.sh OUTDIR [WHEELS] [--budget-s SECONDS]" >&2
     exit 2
 fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

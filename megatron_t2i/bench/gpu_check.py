@@ -8,12 +8,14 @@ per step into OUTDIR.
 Without a CUDA device it measures nothing: the summary says so and the exit status is 1.
 The steps run as subprocesses through the public entry points (pytest, `python -m
 megatron_t2i.train`, tools/*), so an engine rewrite behind them does not break this check.
-Only the standard library and torch are imported here: the wheels are not installed yet.
+Only the standard library, torch and megatron_t2i.files are imported here: the wheels are not
+installed yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -26,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from megatron_t2i.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 NO_CUDA = "no CUDA device: nothing measured"
@@ -104,9 +108,12 @@ def run_step(step: Step, outdir: Path, env: dict[str, str], budget_left: float) 
             returncode = proc.wait(timeout=timeout)
             status = "ok" if returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun children and writer processes too
-            returncode = proc.wait()
             status = "timeout"
+        # the step's whole process group: torchrun's ranks, and checkpoint writer processes
+        # that can outlive their rank, must not run on into the next step's timing
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        returncode = proc.wait()
     return {**record, "status": status, "returncode": returncode,
             "wall_s": round(time.monotonic() - start, 1)}
 
@@ -229,9 +236,7 @@ def cuda_device() -> str | None:
 
 def write_summary(outdir: Path, summary: dict[str, Any]) -> Path:
     path = outdir / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     return path
 
 
