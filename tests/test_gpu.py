@@ -243,9 +243,9 @@ def test_planned_commands_name_real_configs_and_keys(tmp_path):
     from megatron_t2i.config import validate
 
     steps = gpu_check.plan("python", [], tmp_path / "site", tmp_path / "demo")
-    assert [s.name for s in steps] == ["gpu_tests", "demo", "bench_throughput_mb4",
-                                       "bench_throughput_mb8", "bench_throughput_mb16",
-                                       "movqgan_encode"]
+    assert [s.name for s in steps] == ["gpu_tests", "demo", "movqgan_encode",
+                                       "bench_throughput_mb8", "bench_throughput_mb4",
+                                       "bench_throughput_mb16"]
     for step in steps:
         for arg in step.argv:
             if arg.endswith((".py", ".yaml")):
