@@ -22,9 +22,7 @@ import torch
 from conftest import REPO, read_metrics, run_train, train_env
 
 from megatron_t2i.bench import gpu_check
-from megatron_t2i.bench.throughput import step_statistics
 from megatron_t2i.config import load_config
-from megatron_t2i.training.metrics import Throughput
 
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 CUDA_BF16 = ["train.device=cuda", "train.precision=bf16"]
@@ -206,6 +204,10 @@ def test_run_step_status_timeout_and_budget(tmp_path):
 
 
 def test_result_parsers():
+    # the benchmark's own statistics, so the field names are the ones it prints
+    from megatron_t2i.bench.throughput import step_statistics
+    from megatron_t2i.training.metrics import Throughput
+
     assert gpu_check.parse_pytest_summary(
         "....\n= 5 passed, 2 skipped, 1 failed, 3 deselected in 41.2s =\n") == {
         "passed": 5, "skipped": 2, "failed": 1, "deselected": 3}
