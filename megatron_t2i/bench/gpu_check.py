@@ -264,6 +264,7 @@ def check(outdir: Path, wheel_dir: Path | None, budget_s: float) -> int:
                          "installed": [w.name for w in wheels], "kept": kept}
     work = Path(tempfile.mkdtemp(prefix="t2i_gpu_check_"))
     site, demo_dir = work / "site", work / "demo"
+    summary["work_dir"] = str(work)  # the installed wheels and the demo run, left for a look
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", WANDB_MODE="offline")
     summary["steps"] = {}
