@@ -277,3 +277,12 @@ def test_check_writes_each_steps_status_figures_and_time(tmp_path, monkeypatch):
     assert first["status"] == "ok" and first["figures"]["tokens_per_sec"] == 1000.0
     assert second["status"] == "failed" and second["figures"] == {}  # not the first's line
     assert all(r["wall_s"] >= 0 and r["log"] == "bench.log" for r in (first, second))
+
+
+@pytest.mark.parametrize("spec", ["torch==2.11.0", "transformer_engine[pytorch]", "nvidia-nccl-cu13"])
+def test_gpu_wheels_never_fetches_the_machines_own_builds(tmp_path, spec):
+    proc = subprocess.run(["bash", str(REPO / "tools/gpu_wheels.sh"), str(tmp_path / "w"), spec],
+                          env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "never a wheel" in proc.stderr, proc.stderr
+    assert not (tmp_path / "w").exists()  # refused before anything was downloaded
