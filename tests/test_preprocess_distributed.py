@@ -31,7 +31,13 @@ TASKS = 6  # jsonl cut in 2 (task-bytes), 1 tar, 3 parquet row groups
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dist_corpus")
+    return make_corpus(tmp_path_factory.mktemp("dist_corpus"))
+
+
+def make_corpus(root: Path) -> Path:
+    """N image-caption pairs as jsonl (one missing image more), tar and parquet; the
+    sentencepiece and k-means tokenizers fitted on them."""
+    root.mkdir(parents=True, exist_ok=True)
     data = synthetic.generate(N, 32, seed=1)
     pngs = [_png(im) for im in data.images]
     (root / "img").mkdir()

@@ -1,4 +1,5 @@
-"""Image-caption corpora -> indexed token files (`<prefix>.bin/.idx/.vocab.json`).
+"""Image-caption corpora -> indexed token files: a shard set (`<prefix>.shards/NNNNNN.bin/.idx`
+listed in `<prefix>.shards.json`) or one `<prefix>.bin/.idx`; the `.vocab.json` sidecar last.
 
 Inputs (by file name; a folder means every such file in it, sorted):
   *.jsonl    one JSON object per line: an image path (relative to the file) and a caption
@@ -9,11 +10,16 @@ Modes: `conditional` writes `[bos] caption [boi] codes [eoi]`, `unconditional` w
 `[bos] [boi] codes [eoi]` (the caption is ignored), `text` writes `[bos] text [eod]` for text
 corpora blended in (the dataset packs those GPT-style).
 
-The inputs are cut into tasks (byte ranges of a jsonl, one tar, row groups of a parquet); each
-worker process turns a task into a shard of its own, and the shards are merged in task order,
-so the output does not depend on the number of workers. A record that cannot be used (missing
-or unreadable image, empty caption, bad JSON, any exception) is skipped and counted, never fatal;
-the counts go to the sidecar and every skipped record to `<prefix>.skipped.jsonl`.
+The flow: the inputs are cut into tasks (`task_bytes` of a jsonl, one tar, one parquet row
+group: fixed by the files alone); task i is encoded by process i mod world size (one encoder
+per GPU under torchrun / srun); in each, `workers` DataLoader processes read and decode whole
+tasks (captions tokenized, images decoded, resized, cropped) and hand over chunks of
+`batch_size` images, one image-tokenizer call each; each task becomes shard i, committed
+atomically with a done file holding its counts. So the output does not depend on the number
+of processes or workers, and a rerun resumes where a killed run stopped. A record that cannot
+be used (missing or unreadable image, empty caption, bad JSON, any exception) is skipped and
+counted, never fatal; the counts go to the sidecar and every skipped record to
+`<prefix>.skipped.jsonl`.
 """
 
 from __future__ import annotations
