@@ -148,6 +148,7 @@ def preprocess(settings: Settings) -> Summary | None:
     skips committed shards and redoes the rest, so the result equals an uninterrupted run.
     Returns the summary on rank 0, None on the others."""
     t0 = time.perf_counter()
+    started = not torch.distributed.is_initialized()
     rank = start_ranks()
     try:
         device = encoder_device(rank)
@@ -155,7 +156,9 @@ def preprocess(settings: Settings) -> Summary | None:
         layout = _layout(settings, text, image)
         tasks = plan_tasks(expand_inputs(settings.inputs), settings.task_bytes)
         shard_dir = Path(f"{settings.output_prefix}.shards")
-        claim_shard_dir(shard_dir, fingerprint(settings, text, image, tasks), rank)
+        # rank 0 alone: MoVQGAN's identity hashes every weight
+        stamp = fingerprint(settings, text, image, tasks) if rank.leader else {}
+        claim_shard_dir(shard_dir, stamp, rank)
         todo = [t for t in rank.mine(tasks) if not committed(shard_dir, t.index)]
         encode_tasks(settings, todo, shard_dir, image, layout, device, rank.leader)
         barrier(rank)
@@ -166,7 +169,7 @@ def preprocess(settings: Settings) -> Summary | None:
         barrier(rank)
         return summary
     finally:
-        if rank.world_size > 1 and torch.distributed.is_initialized():
+        if started and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -176,6 +179,8 @@ def finish(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None
     """Rank 0, once every shard is committed: the skip list, then the manifest (or the merged
     file) and the sidecar last."""
     prefix = settings.output_prefix
+    # an older set's sidecar would say "complete" while its files are being replaced
+    paths(prefix)["vocab.json"].unlink(missing_ok=True)
     meta = _meta(settings, text, image, results)
     documents = sum(r.documents for r in results)
     tokens = sum(r.tokens for r in results)
