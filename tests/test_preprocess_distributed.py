@@ -1,5 +1,5 @@
 """Distributed, resumable preprocessing: the shard set does not depend on the number of
-encoder processes (torchrun, gloo) or decode workers; a run killed part-way and rerun gives
+encoder processes (gloo, started as torchrun does) or decode workers; a run killed part-way and rerun gives
 the bytes of an uninterrupted run; a rerun with other settings is refused."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ from PIL import Image
 
 from megatron_t2i.data import synthetic
 from megatron_t2i.data.indexed import read_sidecar
+from megatron_t2i.data.preprocess import Settings, load_tokenizers
 from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
 from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 
@@ -87,6 +89,12 @@ def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _files(out: Path) -> dict[str, bytes]:
     """Every file of a shard set (shards, done files, fingerprint, manifest, sidecar)."""
     found = [*Path(f"{out}.shards").iterdir(), Path(f"{out}.shards.json"),
@@ -131,12 +139,17 @@ def test_decode_workers_and_encoder_processes_do_not_change_a_byte(corpus, refer
     workers = corpus / "w2" / "t2i"
     assert _tool().main(_args(corpus, workers, "--workers", "2")) == 0
     assert _files(workers) == _files(reference)
-    ranks = corpus / "r2" / "t2i"  # two encoder processes (gloo), two decode workers each
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc-per-node", "2", "tools/preprocess_data.py",
-                 *_args(corpus, ranks, "--workers", "2")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote 36 documents") == 1  # rank 0 reports for the job
+    # two encoder processes (gloo) as torchrun starts them, two decode workers each
+    ranks = corpus / "r2" / "t2i"
+    cmd = [sys.executable, "tools/preprocess_data.py", *_args(corpus, ranks, "--workers", "2")]
+    env = dict(train_env(PYTHONPATH=str(REPO)), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    assert ["wrote 36 documents" in out for out, _ in outs] == [True, False]  # rank 0 reports
     assert _files(ranks) == _files(reference)
 
 
@@ -163,3 +176,22 @@ def test_a_rerun_with_other_settings_is_refused(corpus, reference, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "fingerprint.json" in err and "differs in: batch_size" in err
     assert _files(reference) == before  # nothing deleted or rewritten
+
+
+def test_batch_size_reaches_movqgan(corpus, tmp_path):
+    """--batch-size is MoVQGAN's forward batch (no fixed 16)."""
+    pytest.importorskip("diffusers")
+    from megatron_t2i.tokenizers.movqgan import MoVQConfig, MoVQGAN
+
+    small = MoVQConfig(ch=32, num_res_blocks=1, resolution=32, n_embed=64)
+    MoVQGAN.from_config(small, device="cpu").save(tmp_path / "movq.safetensors")
+    settings = Settings((str(corpus / "pairs.jsonl"),), str(tmp_path / "t2i"),
+                        text_tokenizer=("auto", str(corpus / "sp.model")),
+                        image_tokenizer=("movqgan", str(tmp_path / "movq.safetensors")),
+                        batch_size=5)
+    assert load_tokenizers(settings)[1].batch_size == 5
+    args = _args(corpus, tmp_path / "t2i", "--batch-size", "5")
+    args[args.index("--image-tokenizer") + 1] = f"movqgan:{tmp_path / 'movq.safetensors'}"
+    assert _tool().main(args) == 0
+    side = read_sidecar(tmp_path / "t2i")
+    assert side["num_documents"] == 3 * N and side["image_tokenizer"]["tokens_per_image"] == 16
