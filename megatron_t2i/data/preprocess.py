@@ -641,10 +641,12 @@ class ShardWriter:
             r.max_caption_tokens = max(r.max_caption_tokens, len(caption_ids))
             if mode == "conditional":
                 r.caption_lengths[len(caption_ids)] += 1
-        if chunk.pixels is None:  # text mode
+        if mode == "text":
             docs = [make_text_document(c, layout) for c in chunk.captions]
-        else:
+        elif chunk.captions:
             docs = encode_images(chunk, image, layout, r.skipped)
+        else:
+            docs = []
         for doc in docs:
             self._add(doc.astype(np.int32))
 
@@ -688,17 +690,16 @@ def encode_images(chunk: Chunk, image: ImageTokenizer, layout: VocabLayout,
 
 def encode_tasks(settings: Settings, tasks: list[Task], shard_dir: Path,
                  image: ImageTokenizer | None, layout: VocabLayout, device: torch.device,
-                 progress: bool) -> int:
-    """This rank's tasks through `settings.workers` decode workers into committed shards;
-    returns the records read. Chunks of different tasks interleave; each goes to its task's
-    shard, so a shard's bytes do not depend on the interleaving."""
+                 progress: bool) -> None:
+    """This rank's tasks through `settings.workers` decode workers into committed shards.
+    Chunks of different tasks interleave; each goes to its task's shard, so a shard's bytes
+    do not depend on the interleaving."""
     workers = settings.workers if settings.workers > 1 else 0  # 1: decode in this process
     loader = torch.utils.data.DataLoader(
         DecodedChunks(settings, tasks, image.image_size if image else 0), batch_size=None,
         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_keep,
         multiprocessing_context=_start_method() if workers else None)
     writers: dict[int, ShardWriter] = {}
-    records = 0
     with _progress_bar(settings, tasks, progress) as bar:
         for chunk in loader:
             writer = writers.get(chunk.task) or writers.setdefault(
@@ -706,9 +707,7 @@ def encode_tasks(settings: Settings, tasks: list[Task], shard_dir: Path,
             writer.add_chunk(chunk, image, layout, settings.mode)
             if chunk.last:
                 writers.pop(chunk.task).commit()
-            records += chunk.records
             bar.update(chunk.records)
-    return records
 
 
 def _keep(chunk: Chunk) -> Chunk:
@@ -838,7 +837,10 @@ def claim_shard_dir(shard_dir: Path, stamp: dict[str, Any], rank: Rank) -> None:
         if not path.is_file():
             write_text_atomic(path, json.dumps(stamp, indent=1) + "\n")
         else:
-            old = json.loads(path.read_text())
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                old = {"unreadable": str(e)}
             differ = sorted(k for k in stamp.keys() | old.keys() if stamp.get(k) != old.get(k))
             if differ:
                 error = (f"{path}: the shards there come from another command (differs in: "
