@@ -27,18 +27,21 @@ from megatron_t2i.checkpoint.io import (
     CheckpointToolError,
     Chunk,
     TensorSpec,
+    layer_chunks,
     staged_output,
     write_checkpoint,
 )
 from megatron_t2i.checkpoint.openlm import OpenLMSource
 from megatron_t2i.checkpoint.surgery import resize_vocab
+from megatron_t2i.config import ModelConfig
+from megatron_t2i.model.keys import model_keys, vocab_table_keys
 from megatron_t2i.vocab import VocabLayout
 
 transformers = pytest.importorskip("transformers")
 
 SCRIPT = REPO / "tests/scripts/ckpt_model.py"
-EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
-FC1 = "decoder.layers.mlp.linear_fc1.weight"
+EMBED, OUTPUT = vocab_table_keys()
+FC1 = model_keys(ModelConfig()).key("fc1")
 # the demo corpus's text tokenizer: 128 ids, bos 1, eos 2, pad 3
 TEXT = VocabLayout(text_size=128, image_size=0, bos_id=1, eod_id=2, added_specials=(),
                    text_pad_id=3)
@@ -188,6 +191,26 @@ def test_imported_checkpoint_meta(work):
     assert meta["has_optimizer"] is False and meta["iteration"] == 0
 
 
+def test_key_names_are_the_trainers(work):
+    """model/keys.py's names and global shapes are exactly what the trainer's save wrote (TP=2
+    and TP=1), and an import of the same architecture writes the same keys."""
+    for name in ("src1", "src2"):
+        reader = CheckpointReader(work["dir"] / name)
+        model = ModelConfig(**{k: v for k, v in reader.meta["config"]["model"].items()
+                               if k in ModelConfig.__dataclass_fields__})
+        keys = model_keys(model, reader.meta["padded_vocab_size"])
+        saved = {k: reader.spec(k).shape for k in reader.tensor_keys()
+                 if not k.startswith("optimizer")}
+        assert saved == keys.shapes, name
+        assert set(keys.objects) <= set(reader.object_keys()), name
+        assert EMBED in saved and OUTPUT in saved and keys.key("fc1") == FC1
+    imported = CheckpointReader(work["dir"] / "imp2")
+    keys = model_keys(ModelConfig(**{k: v for k, v in imported.meta["config"]["model"].items()
+                                     if k in ModelConfig.__dataclass_fields__}), 128)
+    assert set(imported.tensor_keys()) == set(keys.shapes)
+    assert set(imported.object_keys()) == set(keys.objects)
+
+
 # ---- surgery -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("before,after,padded", [("src2:2", "r21:1", 432), ("src1:1", "r12:2", 480),
@@ -298,7 +321,8 @@ def test_written_checkpoints_are_layer_chunked(work, tmp_path):
         calls.append(key)
         return tensors[key]
 
-    entries = {k: TensorSpec(tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    entries = {FC1: TensorSpec((3, 8, 4), torch.float32, layer_chunks((3, 8, 4))),
+               EMBED: TensorSpec((16, 4), torch.float32)}
     write_checkpoint(tmp_path / "iter_0000000", entries, produce, {}, {"iteration": 0})
     reader = CheckpointReader(tmp_path / "iter_0000000")
     assert calls == [FC1, EMBED]

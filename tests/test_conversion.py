@@ -95,7 +95,7 @@ def test_mistral_sliding_window_refused(tmp_path):
     with pytest.raises(CheckpointToolError, match="sliding_window=4 is not supported"):
         HFSource(tmp_path / "window")
     _edit_config(tmp_path / "window", sliding_window=None)
-    assert HFSource(tmp_path / "window").spec.num_query_groups == 2
+    assert HFSource(tmp_path / "window").model.num_query_groups == 2
 
 
 @pytest.mark.parametrize("change,message", [

@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 OPENLM_1B = dict(num_layers=24, hidden_size=2048, num_attention_heads=16, num_query_groups=16,
-                 ffn_hidden_size=5632, vocab_size=50432, normalization="LayerNorm",
-                 norm_epsilon=1e-5, rotary_base=10000, tied=False, max_position_embeddings=2048,
-                 bos_id=0, eod_id=0, pad_id=1)
+                 ffn_hidden_size=5632, normalization="LayerNorm", norm_epsilon=1e-5,
+                 rotary_base=10000, tied=False, max_position_embeddings=2048)
+OPENLM_1B_VOCAB = dict(size=50432, bos_id=0, eod_id=0, pad_id=1)
 TP = 2
-FC1 = "decoder.layers.mlp.linear_fc1.weight"
 
 
 class _NoScheduler:
@@ -43,16 +42,15 @@ def save_trainer_source(folder: Path, layers: int, precision: str) -> None:
     from megatron.core import tensor_parallel
 
     from megatron_t2i.checkpoint import convert
-    from megatron_t2i.checkpoint.convert import ModelSpec
     from megatron_t2i.distributed import init_distributed
     from megatron_t2i.model.gpt import build_model_chunks
     from megatron_t2i.platform import select_platform
     from megatron_t2i.training import checkpointing
 
-    spec = ModelSpec(**dict(OPENLM_1B, num_layers=layers))
-    layout = convert.text_layout(spec)
+    model = convert_model(layers)
+    layout = convert.text_vocab(**OPENLM_1B_VOCAB, where="bench")
     padded = layout.padded_size(128, TP)
-    cfg = convert.trainer_config(spec, TP, 1, 128)
+    cfg = convert.trainer_config(model, layout, TP, 1, 128)
     cfg.train.precision, cfg.train.device = precision, "cpu"
     select_platform("cpu", "gloo")
     init_distributed(cfg.parallel, "cpu")
@@ -61,6 +59,12 @@ def save_trainer_source(folder: Path, layers: int, precision: str) -> None:
     meta = {"config": cfg.to_dict(), "vocab": layout.to_dict(), "padded_vocab_size": padded}
     checkpointing.save_checkpoint(folder, checkpointing.TrainState(0, 0), chunks, None,
                                   _NoScheduler(), meta, save_optimizer=False)
+
+
+def convert_model(layers: int):
+    from megatron_t2i.checkpoint import convert
+
+    return convert.llama_model(**dict(OPENLM_1B, num_layers=layers))
 
 
 def make_source(folder: Path, layers: int, precision: str) -> None:
@@ -76,7 +80,7 @@ def naive(source: Path, output: Path) -> None:
     """Load every tensor, resize the tables, save everything (one DCP save)."""
     import torch.distributed.checkpoint as dcp
 
-    from megatron_t2i.checkpoint.io import VOCAB_KEYS, CheckpointReader
+    from megatron_t2i.checkpoint.io import CheckpointReader
     from megatron_t2i.checkpoint.surgery import (
         RowInit,
         grow_table,
@@ -84,6 +88,7 @@ def naive(source: Path, output: Path) -> None:
         plan_rows,
         target_layout,
     )
+    from megatron_t2i.model.keys import vocab_table_keys
     from megatron_t2i.vocab import VocabLayout
 
     reader = CheckpointReader(source)
@@ -91,7 +96,7 @@ def naive(source: Path, output: Path) -> None:
     new = target_layout(old, 16384)
     plan = plan_rows(old, new, padded_size(new, 2, 128))
     state = {k: reader.read(k) for k in reader.tensor_keys()}
-    for key in VOCAB_KEYS:
+    for key in vocab_table_keys():
         state[key] = grow_table(state[key], plan, key, RowInit())
     dcp.save(state, checkpoint_id=str(output / "iter_0000000"), no_dist=True)
 
@@ -141,11 +146,13 @@ def main() -> int:
         shutil.rmtree(source, ignore_errors=True)
         make_source(source, args.layers, args.dtype)
     from megatron_t2i.checkpoint.io import CheckpointReader
+    from megatron_t2i.model.keys import model_keys
 
+    fc1_key = model_keys(convert_model(args.layers)).key("fc1")
     size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file()) / 2**30
-    fc1 = CheckpointReader(source).spec(FC1)
+    fc1 = CheckpointReader(source).spec(fc1_key)
     print(f"source: {source} ({size:.2f} GiB, OpenLM-1B shapes, {args.layers} layers, "
-          f"{args.dtype}, saved by the trainer at TP={TP}; {FC1} {fc1.shape} in "
+          f"{args.dtype}, saved by the trainer at TP={TP}; {fc1_key} {fc1.shape} in "
           f"{len(fc1.chunks)} chunks)")
     results = {}
     for route in ("naive", "streaming"):
