@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = BenchOptions(iters=args.iters, warmup=args.warmup, peer=args.peer, data=args.data,
                         run_dir=args.run_dir)
-    from megatron_t2i.training.checkpointing import CheckpointError
+    from megatron_t2i.checkpoint.layout import CheckpointError
     from megatron_t2i.vocab import VocabMismatchError
 
     try:

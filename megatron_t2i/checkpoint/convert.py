@@ -26,15 +26,13 @@ from typing import Any, Protocol
 import torch
 
 from megatron_t2i.checkpoint.io import (
-    CheckpointToolError,
     TensorSpec,
     WriteStats,
     layer_chunks,
     object_bytes,
-    staged_output,
     write_checkpoint,
-    write_latest,
 )
+from megatron_t2i.checkpoint.layout import CheckpointError, staged_output, write_latest
 from megatron_t2i.config import Config, ModelConfig
 from megatron_t2i.model.keys import ModelKeys, model_keys
 from megatron_t2i.vocab import VocabLayout
@@ -80,10 +78,10 @@ def check_parallel(m: ModelConfig, tp: int, pp: int, where: str) -> None:
     for what, n in (("num_attention_heads", m.num_attention_heads),
                     ("num_query_groups", query_groups(m)), ("ffn_hidden_size", ffn_width(m))):
         if n % tp:
-            raise CheckpointToolError(f"{where}: {what}={n} is not divisible by "
+            raise CheckpointError(f"{where}: {what}={n} is not divisible by "
                                       f"tensor_model_parallel_size={tp}")
     if m.num_layers % pp:
-        raise CheckpointToolError(f"{where}: num_layers={m.num_layers} is not divisible "
+        raise CheckpointError(f"{where}: num_layers={m.num_layers} is not divisible "
                                   f"by pipeline_model_parallel_size={pp}")
 
 
@@ -106,7 +104,7 @@ def text_vocab(size: int, bos_id: int, eod_id: int, pad_id: int | None,
         return VocabLayout(text_size=size, image_size=0, bos_id=bos_id, eod_id=eod_id,
                            added_specials=(), text_pad_id=pad_id)
     except ValueError as e:
-        raise CheckpointToolError(f"{where}: {e}") from None
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def source_shapes(m: ModelConfig, vocab_size: int
@@ -130,7 +128,7 @@ def check_special_ids(vocab: VocabLayout, where: str) -> None:
     for name, value in (("bos", vocab.bos_id), ("eos", vocab.eod_id),
                         ("pad", vocab.text_pad_id)):
         if value is not None and not 0 <= value < vocab.text_size:
-            raise CheckpointToolError(f"{where}: the {name} id {value} is outside the "
+            raise CheckpointError(f"{where}: the {name} id {value} is outside the "
                                       f"vocabulary [0, {vocab.text_size})")
 
 
@@ -145,11 +143,11 @@ def check_source_shapes(src: Source) -> None:
                                                                                  layer).shape)
         where = name if layer is None else f"{name} of layer {layer}"
         if tuple(got) != shape:
-            raise CheckpointToolError(f"{src.path}: {where} is {list(got)}, the "
+            raise CheckpointError(f"{src.path}: {where} is {list(got)}, the "
                                       f"architecture implies {list(shape)}")
         bias = src.get(name + "_bias", layer) if name.endswith("norm") else None
         if bias is not None and tuple(bias.shape) != bias_shape:
-            raise CheckpointToolError(f"{src.path}: {where} bias is {list(bias.shape)}, the "
+            raise CheckpointError(f"{src.path}: {where} bias is {list(bias.shape)}, the "
                                       f"architecture implies {list(bias_shape)}")
 
 

@@ -25,6 +25,7 @@ from megatron_t2i.config import ConfigError, DataConfig
 from megatron_t2i.data import synthetic
 from megatron_t2i.data.dataset import make_document
 from megatron_t2i.data.indexed import paths, write_indexed
+from megatron_t2i.files import publish_folder
 from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
 from megatron_t2i.tokenizers.text import SentencePieceTokenizer, TextTokenizer
 from megatron_t2i.vocab import VocabLayout
@@ -103,7 +104,7 @@ def _generate_into(folder: Path, params: dict[str, Any]) -> None:
         _generate(tmp, params)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
-            os.rename(tmp, folder)
+            publish_folder(tmp, folder, replace=False)
         except OSError:
             if not _complete(folder, params):  # not another process winning the race
                 raise

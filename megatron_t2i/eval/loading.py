@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_t2i.checkpoint.layout import CheckpointError, read_meta, resolve_folder
+from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.config import (
     Config,
     ConfigError,
@@ -63,14 +65,14 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     """Start the process groups (if not yet), build this rank's model chunks and load the
     checkpoint's model weights into them, resharded. Returns (config, chunks in eval mode,
     vocabulary layout, padded vocabulary size)."""
-    folder = checkpointing.resolve_checkpoint_folder(Path(checkpoint_path))
-    checkpointing.check_loadable(folder)  # before any process group or model exists
-    meta = checkpointing.read_meta(folder)
+    folder = resolve_folder(Path(checkpoint_path))
+    check_before_load(folder)  # before any process group or model exists
+    meta = read_meta(folder)
     checkpointing.check_engine(folder, meta, "megatron")
     cfg = eval_config(meta, tp, pp, device)
     padded = int(meta["padded_vocab_size"])
     if padded % tp:
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"checkpoint {folder} has {padded} vocabulary rows, which TP={tp} cannot divide")
     layout = VocabLayout.from_dict(meta["vocab"])
     platform = eval_platform(cfg)

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 
+from megatron_t2i.checkpoint import layout
+from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.config import OptimConfig
 from megatron_t2i.training import checkpointing, faults
 from megatron_t2i.training.deepspeed_config import deepspeed_config
@@ -75,15 +77,15 @@ class DeepSpeedTrainer(Trainer):
         if folder is None:
             return
         # files whole and every pickle validated: DeepSpeed unpickles with weights_only=False
-        checkpointing.check_loadable(folder, self.cfg.checkpoint.verify_checksums, dcp=False)
-        meta = checkpointing.read_meta(folder)
+        check_before_load(folder, self.cfg.checkpoint.verify_checksums, dcp=False)
+        meta = layout.read_meta(folder)
         checkpointing.check_engine(folder, meta, ENGINE)
         checkpointing.check_vocab(folder, meta, self.data.layout, self.padded_vocab_size)
         _check_same_sharding(folder, meta, self.cfg.deepspeed.zero_stage)
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                                 load_lr_scheduler_states=False)
         if client is None:
-            raise checkpointing.CheckpointError(f"{folder}: DeepSpeed could not read it")
+            raise layout.CheckpointError(f"{folder}: DeepSpeed could not read it")
         self.scheduler.load_state_dict(client["opt_param_scheduler"])
         checkpointing.restore_rng(client["rng_state"])
         self.iteration, self.consumed_samples = client["iteration"], client["consumed_samples"]
@@ -149,8 +151,8 @@ class DeepSpeedTrainer(Trainer):
     # ---- saving --------------------------------------------------------------------------
     def save(self) -> None:
         root = self.cfg.checkpoint_dir
-        state = checkpointing.TrainState(self.iteration, self.consumed_samples)
-        tmp = checkpointing.begin_save(root, self.iteration)
+        state = layout.TrainState(self.iteration, self.consumed_samples)
+        tmp = layout.begin_save(root, self.iteration)
         client = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                   "opt_param_scheduler": self.scheduler.state_dict(),
                   "rng_state": checkpointing.rng_state()}
@@ -158,14 +160,14 @@ class DeepSpeedTrainer(Trainer):
             self.engine.save_checkpoint(str(root), tag=tmp.name, client_state=client,
                                         save_latest=False)
         except Exception as e:
-            full = checkpointing.disk_full_error(e, tmp, root)
+            full = layout.disk_full_error(e, tmp, root)
             if full is None:
                 raise
             raise full from None
         meta = {"config": self.cfg.to_dict(), "vocab": self.data.layout.to_dict(),
                 "padded_vocab_size": self.padded_vocab_size, "has_optimizer": True,
                 "engine": ENGINE, "zero_stage": self.cfg.deepspeed.zero_stage}
-        folder = checkpointing.publish_save(root, state, meta)
+        folder = layout.publish_save(root, state, meta)
         self._last_save = self.iteration
         self._print(f"saved checkpoint {folder}")
 
@@ -210,7 +212,7 @@ def _check_same_sharding(folder: Path, meta: dict[str, Any], zero_stage: int) ->
     saved_stage = meta.get("zero_stage")
     dp = parallel_state.get_data_parallel_world_size()
     if (saved_dp, saved_stage) != (dp, zero_stage):
-        raise checkpointing.CheckpointError(
+        raise layout.CheckpointError(
             f"checkpoint {folder} holds ZeRO stage {saved_stage} partitions for "
             f"{saved_dp} data-parallel ranks; this run has stage {zero_stage} on {dp}: resume "
             f"with the same deepspeed.zero_stage and number of processes")

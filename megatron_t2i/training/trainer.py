@@ -27,6 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_t2i.checkpoint import layout
 from megatron_t2i.config import Config, save_resolved
 from megatron_t2i.data.loader import DataPipeline, build_data_pipeline
 from megatron_t2i.distributed import destroy_distributed, init_distributed
@@ -110,10 +111,10 @@ class Trainer:
         """Megatron's padding rule, unless a checkpoint to resume already fixed the size."""
         resume = self._resume_folder() or self._pretrained_folder()
         if resume is not None:
-            padded = checkpointing.read_meta(resume)["padded_vocab_size"]
+            padded = layout.read_meta(resume)["padded_vocab_size"]
             tp = self.cfg.parallel.tensor_model_parallel_size
             if padded % tp:
-                raise checkpointing.CheckpointError(
+                raise layout.CheckpointError(
                     f"checkpoint {resume} has {padded} vocabulary rows, which "
                     f"tensor_model_parallel_size={tp} cannot divide; re-pad it with "
                     f"tools/resize_vocab.py")
@@ -179,21 +180,21 @@ class Trainer:
     def _resume_folder(self) -> Path | None:
         if not self.cfg.checkpoint.resume:
             return None
-        iteration = checkpointing.read_latest(self.cfg.checkpoint_dir)
-        return None if iteration is None else checkpointing.iteration_dir(
+        iteration = layout.read_latest(self.cfg.checkpoint_dir)
+        return None if iteration is None else layout.iteration_dir(
             self.cfg.checkpoint_dir, iteration)
 
     def _pretrained_folder(self) -> Path | None:
         if self.cfg.checkpoint.pretrained is None:
             return None
-        return checkpointing.resolve_checkpoint_folder(Path(self.cfg.checkpoint.pretrained))
+        return layout.resolve_folder(Path(self.cfg.checkpoint.pretrained))
 
     def _maybe_resume(self) -> None:
         folder = self._resume_folder()
         if folder is None:
             self._maybe_load_pretrained()
             return
-        with_ema = self.ema is not None and checkpointing.read_meta(folder).get("has_ema")
+        with_ema = self.ema is not None and layout.read_meta(folder).get("has_ema")
         extras = {ema.KEY: self.ema.sharded_state_dict(self.chunks)} if with_ema else None
         state, _ = checkpointing.load_checkpoint(
             folder, self.chunks, self.optimizer, self.scheduler, self.data.layout,
@@ -211,7 +212,7 @@ class Trainer:
         folder = self._pretrained_folder()
         if folder is None:
             return
-        checkpointing.check_architecture(folder, checkpointing.read_meta(folder), self.cfg.model)
+        checkpointing.check_architecture(folder, layout.read_meta(folder), self.cfg.model)
         checkpointing.load_model_weights(folder, self.chunks, self.data.layout,
                                          self.padded_vocab_size,
                                          verify=self.cfg.checkpoint.verify_checksums)
@@ -419,7 +420,7 @@ class Trainer:
     def save(self) -> None:
         meta = {"config": self.cfg.to_dict(), "vocab": self.data.layout.to_dict(),
                 "padded_vocab_size": self.padded_vocab_size, "has_ema": self.ema is not None}
-        state = checkpointing.TrainState(self.iteration, self.consumed_samples)
+        state = layout.TrainState(self.iteration, self.consumed_samples)
         folder = checkpointing.save_checkpoint(
             self.cfg.checkpoint_dir, state, self.chunks, self.optimizer, self.scheduler, meta,
             save_optimizer=self.cfg.checkpoint.save_optimizer,
@@ -441,7 +442,7 @@ class Trainer:
         counts = count_parameters(self.chunks, self.freeze,
                                   parallel_state.get_model_parallel_group(),
                                   self.platform.device())
-        p = checkpointing.parallel_layout()
+        p = layout.parallel_layout()
         self._print(f"platform {self.platform.device_type}/{self.platform.backend}, "
                     f"world {dist.get_world_size()} = TP {p['tensor_model_parallel_size']} x "
                     f"PP {p['pipeline_model_parallel_size']} x DP {p['data_parallel_size']}; "
