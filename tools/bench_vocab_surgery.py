@@ -119,8 +119,11 @@ def megatron(source: Path, output: Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron_t2i.platform import select_platform
+
     state = _load_and_resize(source)
     sharded = {k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in state.items()}
+    select_platform("cpu", "gloo")  # megatron-core's writer calls torch.cuda.synchronize
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     (output / "iter_0000000").mkdir(parents=True)
     dist_checkpointing.save(sharded, str(output / "iter_0000000"))

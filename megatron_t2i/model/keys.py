@@ -168,6 +168,9 @@ def _world_of_one() -> Iterator[None]:
         yield
         return
     started = not dist.is_initialized()
+    if not started and dist.get_world_size() > 1:  # creating groups is collective
+        raise RuntimeError("model_keys: torch.distributed runs with several ranks but "
+                           "megatron-core's groups are not initialised; call it after them")
     if started:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
