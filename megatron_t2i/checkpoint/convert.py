@@ -6,11 +6,14 @@ names, each a plain [out, in] matrix or a vector:
     embed, final_norm, final_norm_bias, lm_head
     attn_norm, attn_norm_bias, q, k, v, o, mlp_norm, mlp_norm_bias, gate, up, down
 
-and this module packs them into the trainer's global keys (layers stacked on a leading axis):
+and this module packs them into the trainer's tensors (layers stacked on a leading axis), by
+role; megatron-core's key of each role comes from model/keys.py:
 
-    linear_qkv.weight   per query group g: [q heads of g; k_g; v_g]   (megatron's order)
-    linear_fc1.weight   [gate; up]                                   (SwiGLU)
-    *.layer_norm_weight the pre-attention / pre-MLP norms (fused into the next linear's key)
+    qkv                 per query group g: [q heads of g; k_g; v_g]   (megatron's order)
+    fc1                 [gate; up]                                   (SwiGLU)
+    attn_norm, mlp_norm the pre-attention / pre-MLP norms (stored under the next linear's key)
+
+The architecture is the project's ModelConfig; the source's ids are a text-only VocabLayout.
 
 RoPE is rotate-half (non-interleaved) on both sides: megatron-core's default, HF Llama's and
 OpenLM's `rotary`. No bias vectors (add_bias_linear false); LayerNorm sources without a bias

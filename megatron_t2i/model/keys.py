@@ -76,13 +76,6 @@ class ModelKeys:
     def get(self, role: str) -> str | None:
         return self.roles.get(role)
 
-    @property
-    def vocab_tables(self) -> tuple[str, ...]:
-        """The tables with one row per vocabulary id: the word embeddings and (untied) the
-        output layer."""
-        return tuple(self.roles[r] for r in ("word_embeddings", "output_layer")
-                     if r in self.roles)
-
 
 def model_keys(model: ModelConfig, padded_vocab_size: int = 128) -> ModelKeys:
     """The checkpoint keys of `model` (shapes at `padded_vocab_size` rows), from megatron-core's
