@@ -65,21 +65,14 @@ def query_groups(m: ModelConfig) -> int:
     return m.num_query_groups or m.num_attention_heads
 
 
-def ffn_width(m: ModelConfig) -> int:
-    """The MLP width the model is built with.
-    TODO(issue 13 item 3): ModelConfig.ffn_hidden_size as a property once it is on main."""
-    from megatron_t2i.training.flops import resolved_ffn_hidden_size
-
-    return resolved_ffn_hidden_size(m)
-
-
 def is_tied(m: ModelConfig) -> bool:
     return not m.untie_embeddings_and_output_weights
 
 
 def check_parallel(m: ModelConfig, tp: int, pp: int, where: str) -> None:
     for what, n in (("num_attention_heads", m.num_attention_heads),
-                    ("num_query_groups", query_groups(m)), ("ffn_hidden_size", ffn_width(m))):
+                    ("num_query_groups", query_groups(m)),
+                    ("ffn_hidden_size", m.resolved_ffn_hidden_size)):
         if n % tp:
             raise CheckpointError(f"{where}: {what}={n} is not divisible by "
                                       f"tensor_model_parallel_size={tp}")
@@ -113,7 +106,7 @@ def text_vocab(size: int, bos_id: int, eod_id: int, pad_id: int | None,
 def source_shapes(m: ModelConfig, vocab_size: int
                   ) -> dict[tuple[str, int | None], tuple[int, ...]]:
     """The shape of every source tensor (`Source.get`'s names) the architecture implies."""
-    h, f, d = m.hidden_size, ffn_width(m), head_dim(m)
+    h, f, d = m.hidden_size, m.resolved_ffn_hidden_size, head_dim(m)
     q, kv = m.num_attention_heads * d, query_groups(m) * d
     out: dict[tuple[str, int | None], tuple[int, ...]] = {
         ("embed", None): (vocab_size, h), ("final_norm", None): (h,),

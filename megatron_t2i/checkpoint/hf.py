@@ -285,7 +285,7 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, vocab: dict[str, Any]) -> dict
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": m.hidden_size,
-        "intermediate_size": convert.ffn_width(m), "num_hidden_layers": m.num_layers,
+        "intermediate_size": m.resolved_ffn_hidden_size, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": convert.query_groups(m), "hidden_act": "silu",
         "max_position_embeddings": m.max_position_embeddings or m.seq_length,

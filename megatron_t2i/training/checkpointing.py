@@ -183,13 +183,12 @@ ARCHITECTURE_KEYS = ("untie_embeddings_and_output_weights", "num_layers", "hidde
 
 def _architecture(model: dict[str, Any]) -> dict[str, Any]:
     from megatron_t2i.config import ModelConfig
-    from megatron_t2i.training.flops import resolved_ffn_hidden_size
 
     known = {f for f in ModelConfig.__dataclass_fields__}
     mc = ModelConfig(**{k: v for k, v in model.items() if k in known})
     out = {k: getattr(mc, k) for k in ARCHITECTURE_KEYS}
     out["num_query_groups"] = mc.num_query_groups or mc.num_attention_heads
-    out["ffn_hidden_size"] = resolved_ffn_hidden_size(mc)
+    out["ffn_hidden_size"] = mc.resolved_ffn_hidden_size
     return out
 
 

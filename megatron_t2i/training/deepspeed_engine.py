@@ -8,7 +8,7 @@ metrics and their names, the meaning of `latest`. What differs:
 
 - the model: built by model/gpt.py (the same seed gives the same weights), handed bare (no
   megatron DDP) to `deepspeed.initialize` with a config generated from ours
-  (training/deepspeed_config.py);
+  (`config.deepspeed_config`);
 - the optimizer: torch AdamW over megatron-core's parameter-group rule (no weight decay for
   biases and 1-D parameters), and the learning rate from megatron-core's
   OptimizerParamScheduler, as in the megatron engine, so the schedules cannot disagree;
@@ -35,9 +35,8 @@ from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrid
 
 from megatron_t2i.checkpoint import layout
 from megatron_t2i.checkpoint.trust import check_before_load
-from megatron_t2i.config import OptimConfig
+from megatron_t2i.config import OptimConfig, deepspeed_config
 from megatron_t2i.training import checkpointing, faults
-from megatron_t2i.training.deepspeed_config import deepspeed_config
 from megatron_t2i.training.loss import masked_loss
 from megatron_t2i.training.trainer import Trainer
 
