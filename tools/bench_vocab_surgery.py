@@ -173,7 +173,9 @@ def main() -> int:
         return 0
     work = Path(args.workdir)
     source = work / f"source_{args.layers}l_{args.dtype}"
-    if not (source / "latest").exists():
+    from megatron_t2i.checkpoint.layout import read_latest
+
+    if not source.exists() or read_latest(source) is None:
         shutil.rmtree(source, ignore_errors=True)
         make_source(source, args.layers, args.dtype)
     from megatron_t2i.checkpoint.io import CheckpointReader
