@@ -197,3 +197,31 @@ def test_many_shards_raise_the_open_file_limit(tmp_path):
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 150 * 3
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_preprocessing_output_is_read_as_its_merged_file(tmp_path):
+    """What tools/preprocess_data.py leaves (without and with --merge) opens through the
+    training loader's checks and gives the same samples."""
+    import importlib.util
+
+    from conftest import REPO
+    from test_preprocess_distributed import make_corpus  # the corpus preprocessing is tested on
+
+    from megatron_t2i.data.indexed import read_sidecar
+
+    root = make_corpus(tmp_path / "corpus")
+    spec = importlib.util.spec_from_file_location("tool", REPO / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["--input", str(root / "pairs.jsonl"), str(root / "pairs.tar"),
+            "--text-tokenizer", str(root / "sp.model"), "--image-tokenizer",
+            f"kmeans:{root / 'vq.npz'}", "--batch-size", "3", "--no-progress"]
+    assert tool.main([*args, "--output-prefix", str(tmp_path / "set")]) == 0
+    assert tool.main([*args, "--output-prefix", str(tmp_path / "one"), "--merge"]) == 0
+    layout = VocabLayout.from_dict(read_sidecar(tmp_path / "set")["layout"])
+    sharded, merged = open_indexed(tmp_path / "set", layout), open_indexed(tmp_path / "one", layout)
+    assert isinstance(sharded, ShardedIndexed) and len(sharded.shards) == 2
+    assert len(sharded) == len(merged) > 20
+    a, b = (T2IDataset(x, layout, 40, range(len(merged))) for x in (sharded, merged))
+    for i in range(len(merged)):
+        np.testing.assert_array_equal(a[i]["tokens"], b[i]["tokens"])
