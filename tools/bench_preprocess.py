@@ -5,13 +5,15 @@ hours for the paper's corpus (prints figures and a JSON line).
     python tools/bench_preprocess.py --quick                  # CPU: 64 px images, tiny counts
     python tools/bench_preprocess.py --device cuda --workers 8 --batch 64   # one GPU, 256 px
 
-Inputs are photo-like JPEGs (smooth colour fields plus grain, 512x384, quality 90) made in
-memory. Decoding is preprocessing's own `load_image` (decode, RGB, resize the shorter side,
-centre-crop); the encoder is MoVQGAN-270M's architecture (--preset) with random weights (the speed does
+Inputs are webdataset tars of photo-like JPEGs (smooth colour fields plus grain, 512x384,
+quality 90) with captions, written to a temporary folder. Decoding is preprocessing's own
+decode worker (`DecodedChunks` / `decode_task`: read the tar, tokenize the caption, decode,
+RGB, resize the shorter side, centre-crop, chunks of --batch images); the encoder is MoVQGAN-270M's architecture (--preset) with random weights (the speed does
 not depend on the weights). Three measurements:
-  decode   one process decodes --images JPEGs to 256 px (the paper's size): images/s per core;
+  decode   one process decodes --images records to 256 px (the paper's size): images/s per core;
   encode   the encoder alone on ready tensors: images/s per device;
-  pipeline --workers DataLoader processes decode while the encoder runs: images/s per device.
+  pipeline --workers DataLoader processes decode while the encoder runs: images/s per device
+           (--workers 1 decodes in the encoding process, as preprocessing does).
 The bottleneck is decoding when the workers' decode rate is below the encoder's rate.
 Projected hours = --corpus images / (pipeline rate x --devices).
 """
@@ -19,17 +21,32 @@ Projected hours = --corpus images / (pipeline rate x --devices).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
+import itertools
 import json
 import os
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from megatron_t2i.data.preprocess import load_image
+from megatron_t2i.data.preprocess import (
+    Chunk,
+    DecodedChunks,
+    Settings,
+    Task,
+    decode_task,
+    expand_inputs,
+    load_tokenizers,
+    plan_tasks,
+)
 from megatron_t2i.tokenizers.movqgan import PRESETS, MoVQGAN, count_parameters
+from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 
 PAPER_SIZE = 256  # MoVQGAN's input resolution in the paper
 
@@ -49,27 +66,38 @@ def photo_jpegs(count: int, width: int = 512, height: int = 384, seed: int = 0) 
     return out
 
 
-class DecodeDataset(torch.utils.data.Dataset):
-    """Item i: JPEG i (cycling over the distinct ones) decoded to size x size uint8."""
+def write_corpus(root: Path, tasks: int, per_task: int) -> Settings:
+    """`tasks` webdataset tars of `per_task` JPEG-caption records (one preprocessing task
+    each) and a sentencepiece model; the Settings preprocessing's decode workers take."""
+    jpegs, captions = photo_jpegs(16), []
+    for t in range(tasks):
+        with tarfile.open(root / f"{t:05d}.tar", "w") as tar:
+            for i in range(per_task):
+                caption = f"photo {t} {i} of a {('red', 'blue', 'green')[i % 3]} field with grain"
+                captions.append(caption)
+                for name, blob in ((f"{i:06d}.jpg", jpegs[(t + i) % len(jpegs)]),
+                                   (f"{i:06d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    SentencePieceTokenizer.train(captions, 64, root / "sp")
+    # decode workers never load the image tokenizer; the encoder here is built in `measure`
+    return Settings(inputs=(str(root),), output_prefix=str(root / "unused"),
+                    text_tokenizer=("sentencepiece", str(root / "sp.model")),
+                    image_tokenizer=("movqgan", "random weights"), progress=False)
 
-    def __init__(self, jpegs: list[bytes], count: int, size: int) -> None:
-        self.jpegs, self.count, self.size = jpegs, count, size
 
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        # a copy: the array views Pillow's read-only buffer, which torch will not wrap
-        return torch.from_numpy(load_image(self.jpegs[i % len(self.jpegs)], self.size).copy())
-
-
-def decode_rate(jpegs: list[bytes], count: int, size: int) -> float:
-    """Images/s of one process (one core) decoding to `size` px."""
-    load_image(jpegs[0], size)
-    t = time.perf_counter()
-    for i in range(count):
-        load_image(jpegs[i % len(jpegs)], size)
-    return count / (time.perf_counter() - t)
+def decode_rate(settings: Settings, tasks: list[Task], size: int, images: int) -> float:
+    """Images/s of one process (one core) reading, caption-tokenizing and decoding records
+    to `size` px, as a decode worker does (preprocessing's `decode_task`)."""
+    text = load_tokenizers(settings, image=False)[0]
+    done, t = 0, time.perf_counter()
+    for task in itertools.cycle(tasks):
+        for chunk in decode_task(task, settings, text, size):
+            done += len(chunk.captions)
+        if done >= images:
+            return done / (time.perf_counter() - t)
+    raise AssertionError("unreachable")
 
 
 def _timed(tok: MoVQGAN, fn) -> float:
@@ -91,21 +119,31 @@ def encode_rate(tok: MoVQGAN, batches: int) -> float:
     return batches * tok.batch_size / seconds
 
 
-def pipeline_rate(tok: MoVQGAN, jpegs: list[bytes], batches: int, workers: int) -> float:
-    """Images/s with `workers` DataLoader processes decoding while the encoder runs."""
-    dataset = DecodeDataset(jpegs, (batches + 1) * tok.batch_size, tok.image_size)
+def _keep(chunk: Chunk) -> Chunk:
+    return chunk
+
+
+def pipeline_rate(tok: MoVQGAN, settings: Settings, tasks: list[Task], workers: int
+                  ) -> tuple[float, int]:
+    """(images/s, images timed) with `workers` DataLoader processes decoding (preprocessing's
+    `DecodedChunks`) while the encoder encodes each chunk, as `encode_tasks` does."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=tok.batch_size, num_workers=workers,
-        pin_memory=tok.device.type == "cuda", prefetch_factor=4 if workers else None,
-        persistent_workers=False)
+        DecodedChunks(settings, tasks, tok.image_size), batch_size=None,
+        num_workers=workers if workers > 1 else 0, pin_memory=tok.device.type == "cuda",
+        collate_fn=_keep)
     it = iter(loader)
-    tok.encode(next(it).numpy())  # warm-up, and the workers are up and running
+    tok.encode(next(it).pixels.numpy())  # warm-up, and the workers are up and running
+    done = 0
 
     def rest() -> None:
-        for batch in it:
-            tok.encode(batch.numpy())
+        nonlocal done
+        for chunk in it:
+            if chunk.pixels is not None:
+                tok.encode(chunk.pixels.numpy())
+                done += len(chunk.pixels)
 
-    return batches * tok.batch_size / _timed(tok, rest)
+    seconds = _timed(tok, rest)  # before reading `done`, which rest() counts up
+    return done / seconds, done
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -113,12 +151,18 @@ def measure(args: argparse.Namespace) -> dict:
     if args.image_size != cfg.resolution:  # same architecture, smaller pictures
         cfg = type(cfg)(**{**cfg.__dict__, "resolution": args.image_size})
     tok = MoVQGAN.from_config(cfg, device=args.device, batch_size=args.batch)
-    jpegs = photo_jpegs(16)
-    per_core = decode_rate(jpegs, args.images, PAPER_SIZE)
-    at_size = per_core if args.image_size == PAPER_SIZE else \
-        decode_rate(jpegs, args.images, args.image_size)
-    encode = encode_rate(tok, args.batches)
-    pipeline = pipeline_rate(tok, jpegs, args.batches, args.workers)
+    # enough tasks that every worker has some; (batches + 1) chunks of images in all
+    n_tasks = 2 * max(args.workers, 1)
+    per_task = max(-(-(args.batches + 1) * args.batch // n_tasks), args.batch)
+    with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
+        settings = write_corpus(Path(tmp), n_tasks, per_task)
+        settings = dataclasses.replace(settings, workers=args.workers, batch_size=args.batch)
+        tasks = plan_tasks(expand_inputs(settings.inputs))
+        per_core = decode_rate(settings, tasks, PAPER_SIZE, args.images)
+        at_size = per_core if args.image_size == PAPER_SIZE else \
+            decode_rate(settings, tasks, args.image_size, args.images)
+        encode = encode_rate(tok, args.batches)
+        pipeline, timed = pipeline_rate(tok, settings, tasks, args.workers)
     feed = at_size * max(args.workers, 1)  # what the workers could decode, at most
     hours = args.corpus / (pipeline * args.devices) / 3600
     return {
@@ -130,6 +174,7 @@ def measure(args: argparse.Namespace) -> dict:
         "decode_images_per_s_per_core_at_size": round(at_size, 1),
         "encode_images_per_s": round(encode, 2),
         "pipeline_images_per_s": round(pipeline, 2),
+        "pipeline_images": timed, "corpus_records": n_tasks * per_task,
         "workers": args.workers,
         "workers_needed_to_feed_encoder": int(np.ceil(encode / at_size)),
         "bottleneck": "decoding" if feed < encode else "encoder",
@@ -148,7 +193,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="decode workers per device")
     ap.add_argument("--batch", type=int, default=64, help="images per encode call")
     ap.add_argument("--batches", type=int, default=20, help="timed encode batches")
-    ap.add_argument("--images", type=int, default=400, help="images in the per-core decode test")
+    ap.add_argument("--images", type=int, default=400,
+                    help="images (at least) in the per-core decode test")
     ap.add_argument("--image-size", type=int, default=PAPER_SIZE)
     ap.add_argument("--corpus", type=int, default=134_000_000, help="images to project for")
     ap.add_argument("--devices", type=int, default=32, help="devices to project for")
