@@ -45,6 +45,8 @@ from PIL import Image
 
 from megatron_t2i.data.documents import make_document, make_text_document
 from megatron_t2i.data.indexed import merge_indexed, paths, write_sidecar
+from megatron_t2i.data.shards import write_manifest
+from megatron_t2i.data.token_arrays import manifest_path
 from megatron_t2i.distributed import detect_launch_env
 from megatron_t2i.files import write_text_atomic
 from megatron_t2i.tokenizers import factory
@@ -59,9 +61,6 @@ MAX_LISTED_SKIPS = 100  # skipped records quoted in the sidecar (all of them go 
 # A jsonl task's byte range (~40k records of ~200 bytes): fixed, not derived from the number of
 # processes, so the tasks (and shards) are the same for any job size and a rerun finds them.
 TASK_BYTES = 8 << 20
-MANIFEST_FORMAT = "megatron_t2i.token_shards"
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything a worker needs to rebuild the pipeline (tokenizers by kind and path)."""
@@ -190,7 +189,7 @@ def finish(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None
     _write_skip_list(prefix, results)
     ranges = [r.id_range for r in results if r.id_range is not None]
     id_range = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
-    manifest = Path(f"{prefix}.shards.json")
+    manifest = manifest_path(prefix)
     if settings.merge:
         merge_indexed(prefix, [r.shard for r in results], layout, meta, id_range)
         manifest.unlink(missing_ok=True)
@@ -198,20 +197,11 @@ def finish(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None
     else:
         for ext in ("bin", "idx"):  # an older merged file would make the prefix ambiguous
             paths(prefix)[ext].unlink(missing_ok=True)
-        write_text_atomic(manifest, json.dumps(shard_manifest(manifest, results), indent=1)
-                          + "\n")
+        write_manifest(prefix, [r.shard for r in results])
         write_sidecar(prefix, layout, meta, documents, tokens, id_range)
     sidecar = json.loads(paths(prefix)["vocab.json"].read_text())
     return Summary(prefix, meta["records"], documents, tokens, meta["skipped"],
                    time.perf_counter() - t0, sidecar, 0 if settings.merge else len(results))
-
-
-def shard_manifest(manifest: Path, results: list[TaskResult]) -> dict[str, Any]:
-    """The shard set: each shard's prefix relative to the manifest's folder, in task order."""
-    root = manifest.absolute().parent
-    return {"format": MANIFEST_FORMAT, "version": 1,
-            "shards": [{"prefix": Path(r.shard).absolute().relative_to(root).as_posix(),
-                        "documents": r.documents, "tokens": r.tokens} for r in results]}
 
 
 def load_tokenizers(settings: Settings, image: bool = True
