@@ -13,7 +13,11 @@ import torch
 from conftest import REPO, TINY, train_env
 from safetensors.torch import load_file, save_file
 
-from megatron_t2i.alignment.contrastive import (
+from megatron_t2i.checkpoint.io import TensorSpec, write_checkpoint
+from megatron_t2i.checkpoint.layout import write_latest
+from megatron_t2i.config import load_config
+from megatron_t2i.data.demo import prepare_demo_corpus
+from megatron_t2i.experiments.alignment.contrastive import (
     METRICS_FILE,
     NEAREST_FILE,
     ROWS_FILE,
@@ -24,10 +28,6 @@ from megatron_t2i.alignment.contrastive import (
     load_text_embeddings,
     read_pairs,
 )
-from megatron_t2i.checkpoint.io import TensorSpec, write_checkpoint
-from megatron_t2i.checkpoint.layout import write_latest
-from megatron_t2i.config import load_config
-from megatron_t2i.data.demo import prepare_demo_corpus
 from megatron_t2i.model.keys import vocab_table_keys
 
 HIDDEN = 32

@@ -1,5 +1,5 @@
 """The GPU path: what CPU CI cannot run (marked `gpu`, skipped without CUDA), and the CPU side of
-the prepared GPU check (tools/gpu_check.sh, megatron_t2i/bench/gpu_check.py).
+the prepared GPU check (tools/gpu_check.sh, megatron_t2i/experiments/bench/gpu_check.py).
 
 On CUDA: the demo config in bf16 with SDPA core attention (loss falls, memory figures in the
 metrics, a checkpoint resumes), the Transformer Engine spec and an FP8 recipe when TE imports,
@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import REPO, read_metrics, run_train, train_env
 
-from megatron_t2i.bench import gpu_check
 from megatron_t2i.config import load_config
+from megatron_t2i.experiments.bench import gpu_check
 
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 CUDA_BF16 = ["train.device=cuda", "train.precision=bf16"]
@@ -205,7 +205,7 @@ def test_run_step_status_timeout_and_budget(tmp_path):
 
 def test_result_parsers():
     # the benchmark's own statistics, so the field names are the ones it prints
-    from megatron_t2i.bench.throughput import step_statistics
+    from megatron_t2i.experiments.bench.throughput import step_statistics
     from megatron_t2i.training.metrics import Throughput
 
     assert gpu_check.parse_pytest_summary(

@@ -15,4 +15,4 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-exec "$python" -m megatron_t2i.bench.gpu_check "$@"
+exec "$python" -m megatron_t2i.experiments.bench.gpu_check "$@"

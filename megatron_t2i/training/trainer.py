@@ -40,7 +40,7 @@ from megatron_t2i.training.flops import flops_per_iteration
 from megatron_t2i.training.loss import masked_loss, present_losses, reduce_reports
 from megatron_t2i.training.loss_plot import write_loss_plot
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
-from megatron_t2i.training.plots import PlotError
+from megatron_t2i.training.run_log import PlotError
 from megatron_t2i.training.sampling import TrainingSampler
 from megatron_t2i.training.zloss import reduce_z_loss, z_loss_func
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from megatron_t2i.files import write_text_atomic
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NO_CUDA = "no CUDA device: nothing measured"
 # A wheel of one of these is never installed over what the machine has: its CUDA builds match
 # each other (a container's torch, TE and megatron-core), and a plain PyPI wheel would not.
