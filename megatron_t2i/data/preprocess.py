@@ -48,7 +48,7 @@ from megatron_t2i.data.indexed import merge_indexed, paths, write_sidecar
 from megatron_t2i.data.shards import write_manifest
 from megatron_t2i.data.token_arrays import manifest_path
 from megatron_t2i.distributed import detect_launch_env
-from megatron_t2i.files import write_text_atomic
+from megatron_t2i.files import publish_file, write_text_atomic
 from megatron_t2i.tokenizers import factory
 from megatron_t2i.tokenizers.image import ImageTokenizer
 from megatron_t2i.tokenizers.text import TextTokenizer
@@ -652,9 +652,7 @@ class ShardWriter:
         tmp = self.shard_dir / f"{self.name}.tmp"
         self.builder.finalize(f"{tmp}.idx")
         for ext in ("bin", "idx"):
-            with open(f"{tmp}.{ext}", "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(f"{tmp}.{ext}", self.shard_dir / f"{self.name}.{ext}")
+            publish_file(f"{tmp}.{ext}", self.shard_dir / f"{self.name}.{ext}")
         write_text_atomic(self.shard_dir / f"{self.name}.done.json",
                           json.dumps(_result_to_json(self.result)) + "\n")
         return self.result
