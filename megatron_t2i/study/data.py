@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -83,6 +85,25 @@ def prepare_study_data(out: Path, scale: DataScale, seed: int = 1234) -> StudyDa
     done = out / "params.json"
     if done.is_file() and json.loads(done.read_text()).get("params") == params:
         return dataclasses.replace(data, facts=json.loads(done.read_text())["facts"])
+    with _all_cores():  # nothing else of the study runs yet: the VQ training takes every core
+        facts = _build(out, data, scale, seed)
+    done.write_text(json.dumps({"params": params, "facts": facts}, indent=1) + "\n")
+    return dataclasses.replace(data, facts=facts)
+
+
+@contextlib.contextmanager
+def _all_cores():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(out: Path, data: StudyData, scale: DataScale, seed: int) -> dict[str, Any]:
     facts: dict[str, Any] = {"corpus": scale.corpus}
     cpu = _CpuClock()  # CPU seconds per stage, for the study's budget table
     facts.update(_english(data, scale, seed))
@@ -97,8 +118,7 @@ def prepare_study_data(out: Path, scale: DataScale, seed: int = 1234) -> StudyDa
                                                             out / "english" / "train.jsonl")
     cpu.lap("data: image-caption token files")
     facts["build_cpu_seconds"] = cpu.laps
-    done.write_text(json.dumps({"params": params, "facts": facts}, indent=1) + "\n")
-    return dataclasses.replace(data, facts=facts)
+    return facts
 
 
 def _layout(out: Path, scale: DataScale) -> StudyData:

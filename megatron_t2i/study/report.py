@@ -459,8 +459,9 @@ def stage_of(step: str) -> str:
 
 def budget(times: dict[str, StepTime], data_laps: dict[str, float]) -> dict[str, Any]:
     """CPU seconds per stage, and the wall time they imply on two idle cores: the data
-    preparation runs in one single-threaded process, then the steps two at a time (one
-    thread each), so about data + steps / 2 if both cores stay busy (a lower bound)."""
+    preparation runs on every core, then the steps two at a time (one thread each), so
+    about the total / 2 when both cores stay busy (a lower bound: the last steps of the
+    graph, and waits on a step's needs, leave a core idle)."""
     stages: dict[str, dict[str, float]] = {}
     for name, t in times.items():
         row = stages.setdefault(stage_of(name), {"steps": 0, "cpu_seconds": 0.0,
@@ -472,7 +473,7 @@ def budget(times: dict[str, StepTime], data_laps: dict[str, float]) -> dict[str,
     steps_cpu = sum(t.cpu for k, t in times.items() if k != "data")
     return {"stages": stages, "data_stages_when_built": data_laps,
             "cpu_seconds": round(data_cpu + steps_cpu, 1),
-            "two_idle_cores_estimate_seconds": round(data_cpu + steps_cpu / 2, 1),
+            "two_idle_cores_estimate_seconds": round((data_cpu + steps_cpu) / 2, 1),
             "reused_steps": sorted(k for k, t in times.items() if t.wall == 0.0)}
 
 
@@ -487,7 +488,8 @@ def _budget_lines(summary: dict) -> list[str]:
     lines += ["", f"Total {b['cpu_seconds']:.0f} CPU s (the steps' processes and this one's "
               f"data preparation; the report's own statistics and figures not included). On "
               f"two idle cores that is about {b['two_idle_cores_estimate_seconds'] / 60:.1f} "
-              f"min: the data preparation in one process, then two steps at a time."
+              f"min if both cores stay busy (the data preparation on both, then two steps at "
+              f"a time; a lower bound)."
               + (f" Reused from an earlier run (0 s): {len(b['reused_steps'])} steps."
                  if b["reused_steps"] else ""), ""]
     return lines
