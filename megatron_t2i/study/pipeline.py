@@ -62,10 +62,10 @@ class Scale:
 
 # Text-to-image runs are most of the CPU time (docs/mini_study.md): their length is what the
 # budgets cut, which also brings text-to-image tokens closer to the paper's small share of the
-# LM's own pretraining tokens (about 6%; here 28% in quick mode, 18% in full).
+# LM's own pretraining tokens (about 6%; here 21% in quick mode, 18% in full).
 QUICK = Scale("quick", DataScale("fashion", {"train": 2000, "valid": 200, "test": 200},
                                  300_000, vqvae_steps=300),
-              seeds=(1, 2), lm_iters=150, t2i_iters=40, eval_points=6, align_steps=150,
+              seeds=(1, 2), lm_iters=150, t2i_iters=30, eval_points=6, align_steps=150,
               frozen=("transformer",))
 FULL = Scale("full", DataScale("fashion", {"train": 6000, "valid": 500, "test": 500},
                                3_000_000, vqvae_steps=1500),
