@@ -541,7 +541,7 @@ _RANGES: dict[str, str] = {
     "model.hidden_dropout": "[0, 1)", "model.attention_dropout": "[0, 1)",
     "model.make_vocab_size_divisible_by": "(0, inf)",
     "parallel.distributed_timeout_minutes": "(0, inf)",
-    "data.image_vocab_size": "(0, inf)", "data.caption_dropout": "[0, 1)",
+    "data.image_vocab_size": "[0, inf)", "data.caption_dropout": "[0, 1)",
     "data.synthetic_samples": "(0, inf)", "data.synthetic_image_size": "(0, inf)",
     "data.synthetic_patch_size": "(0, inf)",
     # lr 0 is allowed: a run that only evaluates a checkpoint, with its weights left as they are

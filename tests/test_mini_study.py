@@ -11,13 +11,29 @@ import sys
 import pytest
 from conftest import REPO, read_metrics, run_train
 
-from megatron_t2i.config import load_config
+from megatron_t2i.config import load_config, validate
 from megatron_t2i.data.dataset import split_documents
 from megatron_t2i.data.loader import document_split_seed
 from megatron_t2i.eval.forgetting import read_choice_task
+from megatron_t2i.experiments.study import fashion
+from megatron_t2i.experiments.study.data import (
+    CODES,
+    TEXT_VOCAB_SIZE,
+    caption_token_counts,
+    image_to_text_ratio,
+)
+from megatron_t2i.experiments.study.debian import MissingData
 from megatron_t2i.experiments.study.english import build_english_corpus, continuation_task
-from megatron_t2i.experiments.study.pipeline import Step, StudyError, eval_iterations, run_steps
-from megatron_t2i.experiments.study.report import read_curve
+from megatron_t2i.experiments.study.pipeline import (
+    QUICK,
+    Step,
+    StepTime,
+    StudyError,
+    eval_iterations,
+    run_steps,
+)
+from megatron_t2i.experiments.study.report import budget, read_curve
+from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 
 
 def test_english_corpus_is_deterministic_prose():
@@ -61,6 +77,12 @@ def test_the_study_split_does_not_change_with_train_seed():
                 == split_documents(500, "90,5,5", document_split_seed(b))[1]).all()
 
 
+def test_the_study_configs_validate():
+    # the LM is text-only (data.image_vocab_size 0): the trainer must accept it
+    for name in ("lm.yaml", "t2i.yaml"):
+        validate(load_config(REPO / "configs/mini_study" / name), world_size=1)
+
+
 def test_validation_at_step_zero_and_listed_iterations(tmp_path, corpus_dir):
     run = tmp_path / "run"
     run_train(run, corpus_dir, overrides=["train.train_iters=3", "train.eval_at=[0,2]",
@@ -75,6 +97,37 @@ def test_validation_at_step_zero_and_listed_iterations(tmp_path, corpus_dir):
         ["iter_0000001", "iter_0000003"]
 
 
+def test_image_to_text_target_ratio_is_at_least_twenty(tmp_path):
+    """The quick mode's captions (mosaics drawn the same way, fewer of them) under its text
+    tokenizer (TEXT_VOCAB_SIZE pieces on its English): 256 codes per caption token >= 20."""
+    try:
+        fashion.build_mosaic_corpus(tmp_path / "mosaics", counts={"train": 400, "valid": 40,
+                                                                  "test": 40}, seed=1234)
+    except MissingData as e:  # not root and no package: nothing to measure
+        pytest.skip(str(e))
+    corpus = build_english_corpus(QUICK.data.english_chars)
+    tokenizer = SentencePieceTokenizer.train(corpus.train, TEXT_VOCAB_SIZE, tmp_path / "text")
+    lengths = caption_token_counts(tmp_path / "mosaics" / "train.jsonl", tokenizer)
+    assert image_to_text_ratio(CODES[0], lengths["mean"]) >= 20, lengths
+    assert lengths["per_word"] < 1.3, lengths  # caption words are (nearly) whole tokens
+    assert CODES[0] + 3 + lengths["max"] <= 300  # the sequence the study sets stays short
+
+
+def test_budget_sums_cpu_per_stage_and_estimates_two_cores():
+    times = {"data": (100.0, 90.0), "lm": (50.0, 40.0), "lm_shuffled": (50.0, 40.0),
+             "t2i_random_s1": (30.0, 20.0), "t2i_random_c64_s1": (10.0, 8.0),
+             "eval_lm": (0.0, 0.0)}
+    b = budget({k: StepTime(*v) for k, v in times.items()},
+               {"data: image corpus": 12.0})
+    assert b["stages"]["LM pretraining (LM, shuffled-words LM)"] == \
+        {"steps": 2, "cpu_seconds": 80.0, "wall_seconds": 100.0}
+    assert b["stages"]["text-to-image"]["cpu_seconds"] == 20.0
+    assert b["stages"]["text-to-image, 64 codes (ablation)"]["cpu_seconds"] == 8.0
+    assert b["cpu_seconds"] == 198.0
+    assert b["two_idle_cores_estimate_seconds"] == 198.0 / 2
+    assert b["reused_steps"] == ["eval_lm"]
+
+
 def _py(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
@@ -87,6 +140,7 @@ def test_steps_run_after_their_needs_and_failures_name_the_step(tmp_path):
              Step("b", (*_py(write), str(order), "b"), needs=("a",))]
     seconds = run_steps(steps, tmp_path, jobs=2)
     assert set(seconds) == {"a", "b", "c"}
+    assert all(t.wall > 0 and t.cpu > 0 for t in seconds.values())  # each child's own CPU
     assert order.read_text().split() == ["a", "b", "c"]
     broken = [Step("ok", _py("print('fine')")),
               Step("bad", _py("import sys; print('the cause'); sys.exit(3)"), needs=("ok",))]

@@ -134,11 +134,12 @@ def choice_accuracy(chunks: list[torch.nn.Module], items: list[ChoiceItem],
                     tokenizer: TextTokenizer, layout: VocabLayout, seq_length: int,
                     micro_batch_size: int, device: torch.device) -> dict[str, float]:
     """acc and acc_norm over the items."""
-    samples = []
-    for item in items:
-        for choice in item.choices:
-            ctx, cont = continuation_ids(tokenizer, item.context, choice)
-            samples.append(choice_sample(ctx, cont, layout, seq_length))
+    pairs = [continuation_ids(tokenizer, item.context, choice)
+             for item in items for choice in item.choices]
+    # padded to the longest item, not the model's seq_length: causal attention makes the
+    # trailing padding irrelevant to the scores, and short items then cost what they are
+    length = min(seq_length, max(len(ctx) + len(cont) + 1 for ctx, cont in pairs))
+    samples = [choice_sample(ctx, cont, layout, length) for ctx, cont in pairs]
     logliks = choice_logliks(chunks, samples, micro_batch_size, device)
     correct, correct_norm = [], []
     start = 0

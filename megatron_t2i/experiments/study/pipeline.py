@@ -31,6 +31,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,13 +65,16 @@ class Scale:
     frozen: tuple[str, ...]  # model.freeze groups of the unconditional frozen arms
 
 
+# Text-to-image runs are most of the CPU time (docs/mini_study.md): their length is what the
+# budgets cut, which also brings text-to-image tokens closer to the paper's small share of the
+# LM's own pretraining tokens (about 6%; here 21% in quick mode, 18% in full).
 QUICK = Scale("quick", DataScale("fashion", {"train": 2000, "valid": 200, "test": 200},
                                  300_000, vqvae_steps=300),
-              seeds=(1, 2), lm_iters=150, t2i_iters=60, eval_points=6, align_steps=150,
+              seeds=(1, 2), lm_iters=150, t2i_iters=30, eval_points=6, align_steps=150,
               frozen=("transformer",))
 FULL = Scale("full", DataScale("fashion", {"train": 6000, "valid": 500, "test": 500},
                                3_000_000, vqvae_steps=1500),
-             seeds=(1, 2, 3), lm_iters=1200, t2i_iters=300, eval_points=10, align_steps=600,
+             seeds=(1, 2, 3), lm_iters=1200, t2i_iters=200, eval_points=10, align_steps=600,
              frozen=("attention", "mlp", "transformer"))
 
 
@@ -91,6 +95,11 @@ def arms(scale: Scale) -> list[Arm]:
             Arm("t2i_random_c64", "t2i", None, codes=64),
             Arm("uncond_pretrained", "uncond", "grow"), Arm("uncond_random", "uncond", None),
             *[Arm(f"uncond_frozen_{g}", "uncond", "grow", frozen=(g,)) for g in scale.frozen]]
+
+
+class StepTime(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # CPU seconds (user + system) of the step's process and its children
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +164,8 @@ def _lm_steps(out: Path, data: StudyData, scale: Scale, py: str) -> list[Step]:
 def _arm_step(out: Path, data: StudyData, scale: Scale, arm: Arm, seed: int, py: str) -> Step:
     name = run_name(arm.name, seed)
     prefix = data.t2i if arm.tokens == "t2i" else lambda _codes, split: data.uncond(split)
-    caption_room = 37 if arm.tokens == "t2i" else 0  # [bos] caption <boi> codes <eoi>
+    # [bos] caption <boi> codes <eoi>: room for the longest caption, no more (padding costs)
+    caption_room = data.facts["max_caption_tokens"] if arm.tokens == "t2i" else 0
     overrides = [*_schedule(out / "runs" / name, scale.t2i_iters, scale),
                  f"train.seed={seed}", f"data.data_path={prefix(arm.codes, 'train')}",
                  f"data.valid_data_path={prefix(arm.codes, 'valid')}", "data.split=100,0,0",
@@ -239,16 +249,18 @@ def _eval_step(out: Path, data: StudyData, py: str, name: str, needs: str,
         str(out / "eval" / f"{name}.json"))
 
 
-def run_steps(steps: list[Step], out: Path, jobs: int, resume: bool = True) -> dict[str, float]:
-    """Run every step once its needs are done, `jobs` at a time; returns seconds per step.
-    With `resume`, a step whose output already exists (from an earlier call) is skipped."""
+def run_steps(steps: list[Step], out: Path, jobs: int,
+              resume: bool = True) -> dict[str, StepTime]:
+    """Run every step once its needs are done, `jobs` at a time; returns each step's wall and
+    CPU seconds. With `resume`, a step whose output already exists (from an earlier call) is
+    skipped (and costs 0 s)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     known = {s.name for s in steps}
     for step in steps:
         if set(step.needs) - known:
             raise StudyError(f"step {step.name} needs {sorted(set(step.needs) - known)}, "
                              f"which no step makes")
-    done: dict[str, float] = {}
+    done: dict[str, StepTime] = {}
     pending = list(steps)
     running: dict[Future, Step] = {}
     for folder in ("logs", "eval", "checkpoints"):
@@ -264,7 +276,7 @@ def run_steps(steps: list[Step], out: Path, jobs: int, resume: bool = True) -> d
                 pending.remove(step)
                 if resume and step.outputs and _finished(step):
                     print(f"[mini-study] reuse {step.name} ({step.outputs})", flush=True)
-                    done[step.name] = 0.0
+                    done[step.name] = StepTime(0.0, 0.0)
                 else:
                     running[pool.submit(_run_step, step, out, threads)] = step
             if not running:
@@ -281,7 +293,7 @@ def _finished(step: Step) -> bool:
     return (path / "latest").is_file() if path.suffix == "" else path.is_file()
 
 
-def _run_step(step: Step, out: Path, threads: int) -> float:
+def _run_step(step: Step, out: Path, threads: int) -> StepTime:
     log = out / "logs" / f"{step.name}.log"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -292,15 +304,19 @@ def _run_step(step: Step, out: Path, threads: int) -> float:
     with open(log, "w") as f:
         f.write("$ " + " ".join(step.command) + "\n\n")
         f.flush()
-        rc = subprocess.run(step.command, cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(step.command, cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+        # wait4: this child's own CPU time (with its waited-for children), whatever else runs
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise StudyError(f"step {step.name} failed (exit status {rc}) after {seconds:.0f}s; "
                          f"log {log}:\n{tail}")
-    print(f"[mini-study] done  {step.name} ({seconds:.0f}s)", flush=True)
-    return seconds
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"[mini-study] done  {step.name} ({seconds:.0f}s, {cpu:.0f} CPU s)", flush=True)
+    return StepTime(seconds, cpu)
 
 
 def run_study(out: Path, quick: bool = False, jobs: int | None = None,
@@ -319,8 +335,11 @@ def run_study(out: Path, quick: bool = False, jobs: int | None = None,
     start = time.perf_counter()
     print(f"[mini-study] {scale.name} mode ({scale.data.corpus}), {jobs} steps at a time, "
           f"output {out}", flush=True)
+    cpu = time.process_time()  # data preparation runs in this process
     data = prepare_study_data(out / "data", scale.data)
-    print(f"[mini-study] data ready ({time.perf_counter() - start:.0f}s)", flush=True)
+    times = {"data": StepTime(time.perf_counter() - start, time.process_time() - cpu)}
+    print(f"[mini-study] data ready ({times['data'].wall:.0f}s, {times['data'].cpu:.0f} CPU s)",
+          flush=True)
     steps = plan(out, data, scale)
-    seconds = run_steps(steps, out, jobs, resume)
-    return write_report(out, data, scale, steps, seconds, time.perf_counter() - start)
+    times.update(run_steps(steps, out, jobs, resume))
+    return write_report(out, data, scale, steps, times, time.perf_counter() - start)

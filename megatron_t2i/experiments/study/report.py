@@ -20,6 +20,7 @@ from megatron_t2i.experiments.study.data import StudyData
 from megatron_t2i.experiments.study.pipeline import (
     Scale,
     Step,
+    StepTime,
     arms,
     forgetting_iterations,
     run_name,
@@ -45,8 +46,9 @@ RETRIEVAL_CANDIDATES = 100
 
 
 def write_report(out: Path, data: StudyData, scale: Scale, steps: list[Step],
-                 step_seconds: dict[str, float], wall_seconds: float) -> dict[str, Any]:
-    summary = build_summary(out, data, scale, steps, step_seconds, wall_seconds)
+                 times: dict[str, StepTime], wall_seconds: float) -> dict[str, Any]:
+    """`times`: wall and CPU seconds of each step ("data": the data preparation)."""
+    summary = build_summary(out, data, scale, steps, times, wall_seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     draw_figures(summary, out)
     (out / "report.md").write_text(render_report(summary))
@@ -259,7 +261,7 @@ def retrieval(rows_path: Path, table_path: Path, valid_prefix: str,
 # ---- summary ------------------------------------------------------------------------------
 
 def build_summary(out: Path, data: StudyData, scale: Scale, steps: list[Step],
-                  step_seconds: dict[str, float], wall_seconds: float) -> dict[str, Any]:
+                  times: dict[str, StepTime], wall_seconds: float) -> dict[str, Any]:
     findings, extra, gate = compute_findings(out, scale)
     tok = data.facts["tokenizer"]["c256"]
     curves = _curves(out, scale)
@@ -267,6 +269,7 @@ def build_summary(out: Path, data: StudyData, scale: Scale, steps: list[Step],
         "mode": scale.name, "corpus": data.facts["corpus"],
         "seeds": len(scale.seeds),
         "split_duplicates": data.facts["split_duplicates"],
+        "image_to_text_targets": data.facts["image_to_text_targets"],
         "findings": findings,
         "tokenizer": {"reconstruction_mse": tok["reconstruction_mse"],
                       "codebook_perplexity": tok["codebook_perplexity"],
@@ -287,7 +290,9 @@ def build_summary(out: Path, data: StudyData, scale: Scale, steps: list[Step],
         "alignment": {kind: {str(s): {k: v for k, v in _alignment(out, kind, s).items()
                                       if k != "retrieval_items"} for s in scale.seeds}
                       for kind in ("lm", "random")},
-        "step_seconds": {k: round(v, 1) for k, v in step_seconds.items()},
+        "step_seconds": {k: round(t.wall, 1) for k, t in times.items()},
+        "step_cpu_seconds": {k: round(t.cpu, 1) for k, t in times.items()},
+        "budget": budget(times, data.facts.get("build_cpu_seconds", {})),
         "commands": {s.name: " ".join(s.command) for s in steps},
     }
 
@@ -433,6 +438,63 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+# ---- budget -------------------------------------------------------------------------------
+
+STAGES = (  # (stage, step-name prefixes), the first match wins
+    ("LM pretraining (LM, shuffled-words LM)", ("lm",)),
+    ("vocabulary surgery", ("grow",)),
+    ("text-to-image, 64 codes (ablation)", ("t2i_pretrained_c64", "t2i_random_c64")),
+    ("text-to-image", ("t2i_",)),
+    ("unconditional (with frozen)", ("uncond_",)),
+    ("alignment (LM and random table)", ("random_table", "align_")),
+    ("forgetting evaluations", ("eval_",)),
+)
+
+
+def stage_of(step: str) -> str:
+    if step == "data":
+        return "data preparation"
+    return next((name for name, prefixes in STAGES if step.startswith(prefixes)), "other")
+
+
+def budget(times: dict[str, StepTime], data_laps: dict[str, float]) -> dict[str, Any]:
+    """CPU seconds per stage, and the wall time they imply on two idle cores: the data
+    preparation runs on every core, then the steps two at a time (one thread each), so
+    about the total / 2 when both cores stay busy (a lower bound: the last steps of the
+    graph, and waits on a step's needs, leave a core idle)."""
+    stages: dict[str, dict[str, float]] = {}
+    for name, t in times.items():
+        row = stages.setdefault(stage_of(name), {"steps": 0, "cpu_seconds": 0.0,
+                                                 "wall_seconds": 0.0})
+        row["steps"] += 1
+        row["cpu_seconds"] = round(row["cpu_seconds"] + t.cpu, 1)
+        row["wall_seconds"] = round(row["wall_seconds"] + t.wall, 1)
+    data_cpu = times["data"].cpu if "data" in times else 0.0
+    steps_cpu = sum(t.cpu for k, t in times.items() if k != "data")
+    return {"stages": stages, "data_stages_when_built": data_laps,
+            "cpu_seconds": round(data_cpu + steps_cpu, 1),
+            "two_idle_cores_estimate_seconds": round((data_cpu + steps_cpu) / 2, 1),
+            "reused_steps": sorted(k for k, t in times.items() if t.wall == 0.0)}
+
+
+def _budget_lines(summary: dict) -> list[str]:
+    b = summary["budget"]
+    lines = ["## Budget (CPU seconds per stage)", "",
+             "| stage | steps | CPU s | wall s (summed over steps) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {r['steps']} | {r['cpu_seconds']:.0f} | {r['wall_seconds']:.0f} |"
+              for k, r in b["stages"].items()]
+    lines += [f"| - {k} (when built) | | {v:.0f} | |"
+              for k, v in b["data_stages_when_built"].items()]
+    lines += ["", f"Total {b['cpu_seconds']:.0f} CPU s (the steps' processes and this one's "
+              f"data preparation; the report's own statistics and figures not included). On "
+              f"two idle cores that is about {b['two_idle_cores_estimate_seconds'] / 60:.1f} "
+              f"min if both cores stay busy (the data preparation on both, then two steps at "
+              f"a time; a lower bound)."
+              + (f" Reused from an earlier run (0 s): {len(b['reused_steps'])} steps."
+                 if b["reused_steps"] else ""), ""]
+    return lines
+
+
 # ---- report.md ----------------------------------------------------------------------------
 
 def render_report(summary: dict[str, Any]) -> str:
@@ -446,8 +508,10 @@ def render_report(summary: dict[str, Any]) -> str:
         f"compared arm; {summary['split_duplicates']} documents shared between splits. "
         f"Image tokenizer: reconstruction MSE {t['reconstruction_mse']:.4f}, codebook "
         f"perplexity {t['codebook_perplexity']:.1f} of 256. Image:text target ratio "
-        f"{d.get('image_to_text_targets')}:1 (mean caption {d.get('mean_caption_tokens')} "
-        f"tokens).", "",
+        f"{d.get('image_to_text_targets')}:1 at 256 codes per image, "
+        f"{d.get('image_to_text_targets_c64')}:1 at 64 (mean caption "
+        f"{d.get('mean_caption_tokens')} tokens, {d.get('caption_tokens_per_word')} per word; "
+        f"the paper's: about 30:1).", "",
         "## Verdicts (computed)", "",
         f"Differences are b - a in nats/token unless named otherwise (accuracy, contrastive "
         f"loss); equivalence margin +-{summary['margin_nats']} nats/token by TOST; intervals "
@@ -473,8 +537,10 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += _limits(summary)
     lines += [f"![{caption}]({name})\n\n*{caption}.*\n" for name, caption in FIGURES.items()]
     lines += _forgetting_lines(summary)
-    lines += ["## Steps", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in summary["step_seconds"].items()]
+    lines += _budget_lines(summary)
+    lines += ["## Steps", "", "| step | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {summary['step_cpu_seconds'][k]:.0f} |"
+              for k, v in summary["step_seconds"].items()]
     lines += ["", "The commands of every step are in summary.json (`commands`).", ""]
     return "\n".join(lines) + "\n"
 
