@@ -40,9 +40,6 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"megatron_t2i.training.trainer", "megatron_t2i.training.deepspeed_engine"}),
     # 13b (checkpoint layout): the streaming writer and the safe reader import each other
     frozenset({"megatron_t2i.checkpoint.io", "megatron_t2i.checkpoint.trust"}),
-    # the lead (issue 13 item 5, experiments out of the library): the study's pipeline and
-    # report import each other
-    frozenset({"megatron_t2i.experiments.study.pipeline", "megatron_t2i.experiments.study.report"}),
 }
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true",
                    help="delete the output folder first (default: reuse finished steps)")
     args = p.parse_args(argv)
-    from megatron_t2i.experiments.study.pipeline import StudyError, run_study
+    from megatron_t2i.experiments.study.pipeline import StudyError
+    from megatron_t2i.experiments.study.run import run_study
 
     out = Path(args.out or f"runs/mini_study/{'quick' if args.quick else 'full'}")
     if args.fresh:

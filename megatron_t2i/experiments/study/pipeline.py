@@ -1,6 +1,6 @@
 """The mini-study: the paper's experiments, small enough for a CPU, as one command.
 
-    run_study(Path("runs/mini_study"), quick=True)     # python tools/mini_study.py --quick
+    python tools/mini_study.py --quick    (run.py: run_study: data, these steps, the report)
 
 Every step is a command a user would type (the trainer, tools/resize_vocab.py,
 tools/contrastive_align.py, tools/eval_forgetting.py), run as a subprocess with its log in
@@ -24,7 +24,6 @@ file at step 0 and at log-spaced iterations; report.py then computes the verdict
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
@@ -39,7 +38,6 @@ from megatron_t2i.experiments.study.data import (
     CODEBOOK_SIZE,
     DataScale,
     StudyData,
-    prepare_study_data,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -317,29 +315,3 @@ def _run_step(step: Step, out: Path, threads: int) -> StepTime:
     cpu = usage.ru_utime + usage.ru_stime
     print(f"[mini-study] done  {step.name} ({seconds:.0f}s, {cpu:.0f} CPU s)", flush=True)
     return StepTime(seconds, cpu)
-
-
-def run_study(out: Path, quick: bool = False, jobs: int | None = None,
-              resume: bool = True, corpus: str | None = None) -> dict:
-    """Data, every run, and the report; returns the summary (also in out/summary.json).
-    `corpus="shapes"` runs the positive control (the synthetic shapes) instead."""
-    from megatron_t2i.experiments.study.report import write_report
-
-    if importlib.util.find_spec("matplotlib") is None:  # the figures, at the very end
-        raise StudyError("the mini-study draws its figures with matplotlib: "
-                         "pip install 'megatron_t2i[plot]'")
-    scale = QUICK if quick else FULL
-    if corpus is not None:
-        scale = dataclasses.replace(scale, data=dataclasses.replace(scale.data, corpus=corpus))
-    jobs = jobs or max(1, min(4, os.cpu_count() or 1))
-    start = time.perf_counter()
-    print(f"[mini-study] {scale.name} mode ({scale.data.corpus}), {jobs} steps at a time, "
-          f"output {out}", flush=True)
-    cpu = time.process_time()  # data preparation runs in this process
-    data = prepare_study_data(out / "data", scale.data)
-    times = {"data": StepTime(time.perf_counter() - start, time.process_time() - cpu)}
-    print(f"[mini-study] data ready ({times['data'].wall:.0f}s, {times['data'].cpu:.0f} CPU s)",
-          flush=True)
-    steps = plan(out, data, scale)
-    times.update(run_steps(steps, out, jobs, resume))
-    return write_report(out, data, scale, steps, times, time.perf_counter() - start)
