@@ -38,8 +38,6 @@ NAMES = {0: "foundation", 1: "tokenizers/data/model", 2: "training/eval/checkpoi
 KNOWN_CYCLES: set[frozenset[str]] = {
     # 13a (engine seam): the trainer and the DeepSpeed engine import each other
     frozenset({"megatron_t2i.training.trainer", "megatron_t2i.training.deepspeed_engine"}),
-    # 13b (checkpoint layout): the streaming writer and the safe reader import each other
-    frozenset({"megatron_t2i.checkpoint.io", "megatron_t2i.checkpoint.trust"}),
 }
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 

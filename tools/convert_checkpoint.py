@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_t2i.checkpoint.convert import import_checkpoint
     from megatron_t2i.checkpoint.hf import HFSource, export_hf
-    from megatron_t2i.checkpoint.io import TOOL_INPUT_ERRORS, tool_error
+    from megatron_t2i.checkpoint.layout import TOOL_INPUT_ERRORS, tool_error
     from megatron_t2i.checkpoint.openlm import OpenLMSource
 
     try:

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from megatron_t2i.checkpoint.inspect import describe, format_report
-    from megatron_t2i.checkpoint.io import TOOL_INPUT_ERRORS, tool_error
+    from megatron_t2i.checkpoint.layout import TOOL_INPUT_ERRORS, tool_error
 
     try:
         info = describe(args.checkpoint)

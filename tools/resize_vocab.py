@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
-    from megatron_t2i.checkpoint.io import TOOL_INPUT_ERRORS, tool_error
+    from megatron_t2i.checkpoint.layout import TOOL_INPUT_ERRORS, tool_error
     from megatron_t2i.checkpoint.surgery import resize_vocab
 
     try:

@@ -17,8 +17,8 @@ import torch
 
 from megatron_t2i.checkpoint import convert
 from megatron_t2i.checkpoint.integrity import write_manifest
-from megatron_t2i.checkpoint.io import CheckpointReader, WriteStats, reason
-from megatron_t2i.checkpoint.layout import CheckpointError, staged_output
+from megatron_t2i.checkpoint.io import CheckpointReader, WriteStats
+from megatron_t2i.checkpoint.layout import CheckpointError, reason, staged_output
 from megatron_t2i.config import ModelConfig
 from megatron_t2i.model.keys import model_keys
 from megatron_t2i.vocab import VocabLayout

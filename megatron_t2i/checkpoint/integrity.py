@@ -11,7 +11,7 @@ compares each file's size (always: a stat per file) and its XXH3-128 digest (the
 read once; XXH3 hashes several GB/s per core, so the disk bounds it; `verify=False` skips the
 hashing for very large checkpoints on trusted storage), so a shard truncated, zeroed or
 flipped in place is refused naming the file. A folder without a manifest (written before
-manifests existed) is loaded with a warning; io.check_files (part of
+manifests existed) is loaded with a warning; trust.check_files (part of
 trust.check_before_load) then checks its shards against the sizes the DCP metadata needs.
 """
 

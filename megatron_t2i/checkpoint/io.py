@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,49 +48,29 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint, write_manifest
+from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.checkpoint.layout import (
     META_FILE,
     CheckpointError,
     read_meta,
+    reason,
     resolve_folder,
     write_meta,
+)
+from megatron_t2i.checkpoint.trust import (
+    DCP_METADATA_FILE,
+    check_before_load,
+    checked_object_bytes,
+    load_object,
+    read_safe_metadata,
 )
 from megatron_t2i.files import sync_folder
 
 COMMON_FILE = "common.pt"
-DCP_METADATA_FILE = ".metadata"
 BACKEND_FILE = "metadata.json"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
 
-
-
-# What bad input makes the tools' libraries raise (torch.load, safetensors, json, DCP): each
-# is reported as one `error: FILE: what is wrong` line, exit 1 (tool_error).
-TOOL_INPUT_ERRORS = (CheckpointError, OSError, ValueError, RuntimeError, KeyError,
-                     EOFError, pickle.UnpicklingError)
-
-
-def reason(err: BaseException) -> str:
-    """One line saying why a library refused a file. torch's weights_only refusal spends its
-    first paragraph on advice (load with weights_only=False: exactly what must not be done
-    with an untrusted file); the line that says what it found comes after."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
-        return f"refused by torch.load(weights_only=True): {lines[1]}"
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
-def tool_error(err: BaseException, source: str) -> int:
-    """Print `err` as the one line a command-line tool reports; returns the exit status 1.
-    A CheckpointError names its file already; anything else is prefixed with `source`."""
-    if isinstance(err, CheckpointError):
-        text = " ".join(str(err).split())  # a message quoting DCP may span several lines
-    else:
-        text = f"{source}: {reason(err)}"
-    print(f"error: {text}", file=sys.stderr, flush=True)
-    return 1
 
 
 class Chunk(NamedTuple):
@@ -139,49 +117,6 @@ def layer_chunks(shape: tuple[int, ...]) -> tuple[Chunk, ...]:
     return tuple(Chunk((i,) + (0,) * len(rest), (1,) + rest) for i in range(shape[0]))
 
 
-def read_safe_metadata(folder: Path):
-    """The folder's DCP `.metadata` through the allowlist unpickler (checkpoint/trust.py)."""
-    from megatron_t2i.checkpoint.trust import read_dcp_metadata
-
-    try:
-        return read_dcp_metadata(folder / DCP_METADATA_FILE)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a truncated or foreign .metadata file
-        raise CheckpointError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
-                                  f"metadata file ({reason(e)})") from None
-
-
-def check_shards(folder: Path) -> None:
-    """Every data file the DCP metadata points into must exist and be long enough (for a
-    checkpoint without a manifest; a manifest records exact sizes and hashes)."""
-    metadata = read_safe_metadata(folder)
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: shard file {name} is missing "
-                                      f"(listed in {DCP_METADATA_FILE})")
-        if path.stat().st_size < size:
-            raise CheckpointError(f"{path}: truncated ({path.stat().st_size} bytes, "
-                                      f"the metadata needs {size})")
-
-
-def check_files(folder: Path, verify: bool = True, dcp: bool = True) -> None:
-    """The file check of every load path (part of trust.check_before_load): the manifest's
-    sizes and checksums (integrity.py), or for an older DCP checkpoint without one, the shard
-    sizes its metadata needs."""
-    try:
-        verified = verify_checkpoint(folder, verify)
-    except ChecksumError as e:
-        raise CheckpointError(str(e)) from None
-    if not verified and dcp:
-        check_shards(folder)
-
-
 class CheckpointReader:
     """One trainer checkpoint, checked to be complete, read a tensor at a time."""
 
@@ -198,8 +133,6 @@ class CheckpointReader:
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
         # sizes and checksums, then every pickle: nothing in the folder runs code, and what
         # read_object_bytes hands on to be copied has been validated
-        from megatron_t2i.checkpoint.trust import check_before_load
-
         check_before_load(self.folder, verify)
         self._metadata = read_safe_metadata(self.folder)
         self._storage = FileSystemReader(str(self.folder))
@@ -228,8 +161,6 @@ class CheckpointReader:
         return [Chunk(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
 
     def common(self) -> dict[str, Any]:
-        from megatron_t2i.checkpoint.trust import load_object
-
         try:
             return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
         except CheckpointError:
@@ -273,8 +204,6 @@ class CheckpointReader:
         self._read([ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
                              dest_offsets=torch.Size([0]), storage_index=index,
                              storage_offsets=torch.Size([0]), lengths=torch.Size([0]))], into)
-        from megatron_t2i.checkpoint.trust import checked_object_bytes
-
         # validated again as read: a tool copies these bytes into its output verbatim
         return checked_object_bytes(into.raw[key], f"{self.folder} (object {key!r})")
 

@@ -23,8 +23,10 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,34 @@ LATEST_FILE = "latest"
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, or input a checkpoint tool cannot use; the message
     names the file and what is wrong."""
+
+
+# What bad input makes the tools' libraries raise (torch.load, safetensors, json, DCP): each
+# is reported as one `error: FILE: what is wrong` line, exit 1 (tool_error).
+TOOL_INPUT_ERRORS = (CheckpointError, OSError, ValueError, RuntimeError, KeyError,
+                     EOFError, pickle.UnpicklingError)
+
+
+def reason(err: BaseException) -> str:
+    """One line saying why a library refused a file. torch's weights_only refusal spends its
+    first paragraph on advice (load with weights_only=False: exactly what must not be done
+    with an untrusted file); the line that says what it found comes after."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        return f"refused by torch.load(weights_only=True): {lines[1]}"
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def tool_error(err: BaseException, source: str) -> int:
+    """Print `err` as the one line a command-line tool reports; returns the exit status 1.
+    A CheckpointError names its file already; anything else is prefixed with `source`."""
+    if isinstance(err, CheckpointError):
+        text = " ".join(str(err).split())  # a message quoting DCP may span several lines
+    else:
+        text = f"{source}: {reason(err)}"
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return 1
+
 
 
 @dataclass

@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from megatron_t2i.checkpoint import convert
-from megatron_t2i.checkpoint.io import reason
-from megatron_t2i.checkpoint.layout import CheckpointError
+from megatron_t2i.checkpoint.layout import CheckpointError, reason
 from megatron_t2i.config import ModelConfig
 
 _PER_LAYER = {"attn_norm": "attention_norm.weight", "attn_norm_bias": "attention_norm.bias",

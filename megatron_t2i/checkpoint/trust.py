@@ -43,8 +43,10 @@ from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from megatron_t2i.checkpoint.io import check_files
-from megatron_t2i.checkpoint.layout import CheckpointError
+from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint
+from megatron_t2i.checkpoint.layout import CheckpointError, reason
+
+DCP_METADATA_FILE = ".metadata"
 
 # What a DCP `.metadata` is made of (torch 2.6-2.13 and megatron-core's torch_dist writer):
 # dataclasses rebuilt field by field, and enums looked up by value. No callable here can
@@ -148,6 +150,47 @@ def load_object(source: Path | bytes, where: str | Path, deepspeed: bool = False
     except Exception as e:
         raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_safe_metadata(folder: Path):
+    """The folder's DCP `.metadata` through the allowlist unpickler (read_dcp_metadata)."""
+    try:
+        return read_dcp_metadata(folder / DCP_METADATA_FILE)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or foreign .metadata file
+        raise CheckpointError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
+                                  f"metadata file ({reason(e)})") from None
+
+
+def check_shards(folder: Path) -> None:
+    """Every data file the DCP metadata points into must exist and be long enough (for a
+    checkpoint without a manifest; a manifest records exact sizes and hashes)."""
+    metadata = read_safe_metadata(folder)
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: shard file {name} is missing "
+                                      f"(listed in {DCP_METADATA_FILE})")
+        if path.stat().st_size < size:
+            raise CheckpointError(f"{path}: truncated ({path.stat().st_size} bytes, "
+                                      f"the metadata needs {size})")
+
+
+def check_files(folder: Path, verify: bool = True, dcp: bool = True) -> None:
+    """The file check of every load path (part of trust.check_before_load): the manifest's
+    sizes and checksums (integrity.py), or for an older DCP checkpoint without one, the shard
+    sizes its metadata needs."""
+    try:
+        verified = verify_checkpoint(folder, verify)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
+    if not verified and dcp:
+        check_shards(folder)
 
 
 def check_before_load(folder: str | Path, verify: bool = True, dcp: bool = True) -> None:
