@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import os
 import re
 import types
@@ -58,6 +59,20 @@ class ModelConfig:
     # LayerNorm on queries and keys per head (megatron-core's qk_layernorm): against attention
     # logit growth in mixed text-image training (Chameleon, Lumina-mGPT); off in the paper.
     qk_layernorm: bool = False
+
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        """The MLP hidden size the model is built with; the one place this default lives.
+
+        SwiGLU has three matrices instead of two, so its default width is 8/3 x hidden (same
+        parameter count as a 4 x hidden GeLU MLP), rounded up to a multiple of 64 so the
+        matmuls tile well on tensor cores (4096 -> 10944; LLaMA rounds to 256, giving 11008).
+        """
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return 64 * -(-8 * self.hidden_size // (3 * 64))  # ceil(8h/3) to a multiple of 64
+        return 4 * self.hidden_size
 
 
 @dataclasses.dataclass
@@ -163,7 +178,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class DeepSpeedConfig:
     """Read only with train.engine=deepspeed; the DeepSpeed JSON is generated from the config
-    (megatron_t2i/training/deepspeed_config.py)."""
+    (`deepspeed_config` at the end of this module)."""
 
     zero_stage: int = 1  # 1: optimizer states, 2: + gradients, 3: + parameters sharded over DP
     offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
@@ -359,26 +374,114 @@ def uses_transformer_engine(cfg: Config) -> bool:
 
 
 def _device(cfg: Config) -> str:
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    import torch
+    from megatron_t2i.platform import resolve_device  # imports torch: only when validating
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(cfg.train.device)
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Refuse combinations megatron-core cannot run, naming the keys involved."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                   p.virtual_pipeline_model_parallel_size)
-    _positive(cfg, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
-                    "model.seq_length", "parallel.tensor_model_parallel_size",
-                    "parallel.pipeline_model_parallel_size", "train.train_iters",
-                    "train.micro_batch_size", "train.global_batch_size", "train.log_interval",
-                    "data.text_vocab_size", "data.image_tokens_per_sample"])
+    """Refuse combinations megatron-core cannot run, naming the keys involved: each section
+    checks itself (_SECTION_CHECKS), then the rules that join sections and the world size."""
+    for section, check in _SECTION_CHECKS.items():
+        _check_ranges(getattr(cfg, section), section)
+        check(getattr(cfg, section))
+    _check_parallel_layout(cfg, world_size)
+    _check_layer_implementation(cfg)
+    budget = caption_budget(cfg)
+    if budget < 1:
+        raise ConfigError(f"model.seq_length={cfg.model.seq_length} leaves no room for a "
+                          f"caption: a sample holds [bos] caption [boi] "
+                          f"{cfg.data.image_tokens_per_sample} image codes [eoi]")
+    if cfg.train.ema_decay is not None and cfg.parallel.overlap_param_gather:
+        raise ConfigError("train.ema_decay needs parallel.overlap_param_gather=false (the "
+                          "average reads the parameters right after the optimizer step)")
+    if cfg.model.freeze and cfg.train.engine != "megatron":
+        raise ConfigError("model.freeze is implemented for train.engine=megatron only")
+    if cfg.train.engine == "deepspeed":
+        _check_deepspeed(cfg, world_size)
+
+
+# ---- each section on its own -------------------------------------------------------------
+
+def _check_model(m: ModelConfig) -> None:
+    _positive(m, "model", ["num_layers", "hidden_size", "num_attention_heads", "seq_length"])
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                           f"model.num_attention_heads={m.num_attention_heads}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
+    if m.freeze:
+        _check_freeze_names(m.freeze, tied_embeddings=not m.untie_embeddings_and_output_weights)
+
+
+def _check_parallel(p: ParallelConfig) -> None:
+    _positive(p, "parallel", ["tensor_model_parallel_size", "pipeline_model_parallel_size"])
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None and (p.pipeline_model_parallel_size < 2 or vpp < 2):
+        raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                          "parallel.pipeline_model_parallel_size >= 2 and a value >= 2")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs "
+                          "parallel.use_distributed_optimizer=true")
+
+
+def _check_data(d: DataConfig) -> None:
+    _positive(d, "data", ["text_vocab_size", "image_tokens_per_sample"])
+    split_weights(d.split)
+    _check_data_paths(d)
+
+
+def check_demo_corpus(d: DataConfig) -> None:
+    """The synthetic demo corpus's settings (data/demo.py checks them when it is used)."""
+    size, patch = d.synthetic_image_size, d.synthetic_patch_size
+    if d.synthetic_samples < 1:
+        raise ConfigError(f"data.synthetic_samples must be positive, got {d.synthetic_samples}")
+    if patch < 1 or size % patch:
+        raise ConfigError(f"data.synthetic_image_size={size} is not a multiple of "
+                          f"data.synthetic_patch_size={patch}")
+    if (size // patch) ** 2 != d.image_tokens_per_sample:
+        raise ConfigError(f"data.image_tokens_per_sample={d.image_tokens_per_sample} "
+                          f"but {size}px images in {patch}x{patch} patches give "
+                          f"{(size // patch) ** 2} codes; set one to match the other")
+    if d.image_vocab_size < 1:
+        raise ConfigError(f"data.image_vocab_size must be positive, got {d.image_vocab_size}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+    # Warmup beyond train.train_iters stays allowed: short benchmark and smoke runs of the
+    # recipes (2,000 warmup iterations) stop inside it on purpose.
+    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
+        raise ConfigError(f"optim.lr_warmup_iters={o.lr_warmup_iters} is above "
+                          f"optim.lr_decay_iters={o.lr_decay_iters}")
+
+
+def _check_train(t: TrainConfig) -> None:
+    _positive(t, "train", ["train_iters", "micro_batch_size", "global_batch_size",
+                           "log_interval"])
+    _check_training_extras(t)
+    _check_exit_signals(t.exit_signals)
+
+
+def _ranges_only(section: Any) -> None:
+    """Sections whose only rules are the numeric ranges of _RANGES."""
+
+
+_SECTION_CHECKS: dict[str, Any] = {
+    "model": _check_model, "parallel": _check_parallel, "data": _check_data,
+    "optim": _check_optim, "train": _check_train, "deepspeed": _ranges_only,
+    "checkpoint": _ranges_only, "logging": _ranges_only,
+}
+
+
+# ---- rules that join sections ------------------------------------------------------------
+
+def _check_parallel_layout(cfg: Config, world_size: int) -> None:
+    """The model and the batch split over tensor, pipeline and data parallel ranks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                   p.virtual_pipeline_model_parallel_size)
     if m.num_attention_heads % tp:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible "
                           f"by parallel.tensor_model_parallel_size={tp}")
@@ -387,10 +490,6 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"model.num_query_groups={groups} must divide "
                           f"model.num_attention_heads and be divisible by "
                           f"parallel.tensor_model_parallel_size={tp}")
-    if vpp is not None:
-        if pp < 2 or vpp < 2:
-            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
-                              "parallel.pipeline_model_parallel_size >= 2 and a value >= 2")
     if m.num_layers % (pp * (vpp or 1)):
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
                           f"parallel.pipeline_model_parallel_size x "
@@ -408,16 +507,21 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"the interleaved schedule needs the number of microbatches "
                           f"({microbatches}) to be a multiple of "
                           f"parallel.pipeline_model_parallel_size={pp}")
+
+
+def _check_layer_implementation(cfg: Config) -> None:
+    """Transformer Engine, sequence parallel, FP8 and the device must fit together."""
+    p, t = cfg.parallel, cfg.train
     te = uses_transformer_engine(cfg)
     if p.sequence_parallel and not te:
         raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers "
                           "(megatron-core's local spec uses torch LayerNorm, which cannot); "
                           "set parallel.sequence_parallel=false or install transformer-engine")
-    if p.sequence_parallel and tp == 1:
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
     if t.fp8 is not None and not te:
         raise ConfigError("train.fp8 needs Transformer Engine on a GPU")
-    if m.transformer_impl == "transformer_engine" and not transformer_engine_available():
+    if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine "
                           "does not import on a CUDA device here")
     if _device(cfg) == "cuda":
@@ -425,30 +529,6 @@ def validate(cfg: Config, world_size: int) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible")
-    if p.overlap_param_gather and not p.use_distributed_optimizer:
-        raise ConfigError("parallel.overlap_param_gather needs "
-                          "parallel.use_distributed_optimizer=true")
-    budget = caption_budget(cfg)
-    if budget < 1:
-        raise ConfigError(f"model.seq_length={m.seq_length} leaves no room for a caption: "
-                          f"a sample holds [bos] caption [boi] "
-                          f"{cfg.data.image_tokens_per_sample} image codes [eoi]")
-    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
-        raise ConfigError("model.max_position_embeddings is smaller than model.seq_length")
-    _split_weights(cfg.data.split)
-    _check_ranges(cfg)
-    _check_training_extras(t)
-    if t.ema_decay is not None and p.overlap_param_gather:
-        raise ConfigError("train.ema_decay needs parallel.overlap_param_gather=false (the "
-                          "average reads the parameters right after the optimizer step)")
-    _check_exit_signals(t.exit_signals)
-    _check_data_paths(cfg.data)
-    if m.freeze:
-        _check_freeze(cfg)
-    if t.engine == "deepspeed":
-        from megatron_t2i.training.deepspeed_config import validate_deepspeed
-
-        validate_deepspeed(cfg, world_size)
 
 
 # Numeric ranges, as intervals ("(" / ")" exclusive, "[" / "]" inclusive); a null value of an
@@ -483,20 +563,13 @@ def _in_interval(value: float, interval: str) -> bool:
     return above and below
 
 
-def _check_ranges(cfg: Config) -> None:
+def _check_ranges(values: Any, section: str) -> None:
     for key, interval in _RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        if key.split(".")[0] != section:
+            continue
+        value = getattr(values, key.split(".")[1])
         if value is not None and not _in_interval(value, interval):
             raise ConfigError(f"{key}={value} is outside {interval}")
-    o = cfg.optim
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
-    # Warmup beyond train.train_iters stays allowed: short benchmark and smoke runs of the
-    # recipes (2,000 warmup iterations) stop inside it on purpose.
-    if o.lr_decay_iters is not None and o.lr_warmup_iters > o.lr_decay_iters:
-        raise ConfigError(f"optim.lr_warmup_iters={o.lr_warmup_iters} is above "
-                          f"optim.lr_decay_iters={o.lr_decay_iters}")
 
 
 def _check_data_paths(d: DataConfig) -> None:
@@ -516,13 +589,32 @@ def _check_training_extras(t: TrainConfig) -> None:
                           "train.engine=megatron only")
 
 
-def _check_freeze(cfg: Config) -> None:
-    from megatron_t2i.model.freeze import check_freeze_names
+# Parameter groups model.freeze may name (megatron_t2i/model/freeze.py applies them).
+FREEZE_GROUPS = ("embeddings", "output_layer", "attention", "mlp", "norms", "transformer",
+                 "text_rows")
 
-    check_freeze_names(cfg.model.freeze,
-                       tied_embeddings=not cfg.model.untie_embeddings_and_output_weights)
-    if cfg.train.engine != "megatron":
-        raise ConfigError("model.freeze is implemented for train.engine=megatron only")
+
+def _check_freeze_names(names: list[str], tied_embeddings: bool) -> None:
+    """Refuse unknown names (with the closest valid one) and combinations that cannot mean
+    what they say."""
+    for name in names:
+        if name not in FREEZE_GROUPS:
+            close = difflib.get_close_matches(name, FREEZE_GROUPS, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"model.freeze: unknown group {name!r}{hint}; valid groups: "
+                              f"{list(FREEZE_GROUPS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model.freeze: {list(names)} names a group twice")
+    if tied_embeddings and ("embeddings" in names) != ("output_layer" in names):
+        raise ConfigError("model.freeze: with tied embeddings "
+                          "(model.untie_embeddings_and_output_weights=false) the output layer "
+                          "is the word-embedding table: freeze 'embeddings' and "
+                          "'output_layer' together or neither")
+    whole = {"embeddings", "output_layer", "transformer"}
+    if whole <= set(names) or {"embeddings", "output_layer", "attention", "mlp",
+                               "norms"} <= set(names):
+        raise ConfigError(f"model.freeze: {list(names)} freezes every parameter; "
+                          f"nothing would train")
 
 
 def _check_exit_signals(names: list[str]) -> None:
@@ -541,7 +633,8 @@ def caption_budget(cfg: Config) -> int:
     return cfg.model.seq_length + 1 - 3 - cfg.data.image_tokens_per_sample
 
 
-def _split_weights(split: str) -> list[float]:
+def split_weights(split: str) -> list[float]:
+    """data.split ("90,5,5") as train/valid/test weights; refuses malformed values."""
     try:
         weights = [float(x) for x in split.split(",")]
     except ValueError:
@@ -551,13 +644,163 @@ def _split_weights(split: str) -> list[float]:
     return weights
 
 
-def _positive(cfg: Config, keys: list[str]) -> None:
-    for key in keys:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+def _positive(values: Any, section: str, names: list[str]) -> None:
+    for name in names:
+        value = getattr(values, name)
         if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+            raise ConfigError(f"{section}.{name} must be positive, got {value}")
 
 
 def save_resolved(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---- the DeepSpeed section -----------------------------------------------------------------
+# DeepSpeed's JSON config is generated from this config (train.engine=deepspeed):
+#
+#     ds = deepspeed_config(cfg, world_size=8, on_cuda=True)  # what deepspeed.initialize gets
+#
+# Every setting the project's config owns is written from it: batch sizes and accumulation
+# (train.*), clipping (optim.clip_grad), precision (train.precision), ZeRO stage and offload
+# (deepspeed.*). A user JSON (deepspeed.config_json) adds what the project has no key for
+# (bucket sizes, overlap_comm, ...); where it sets a key the generated config also sets, the
+# values must agree, so the two can never silently disagree. The optimizer (torch AdamW with
+# megatron-core's parameter groups) and the LR schedule (megatron-core's) are the engine's own,
+# so the JSON may not bring "optimizer" or "scheduler" sections. It lives with the config (no
+# torch, no deepspeed) because validation builds it, before any process group starts.
+
+# Which project key owns each generated DeepSpeed key (for the refusal messages).
+_OWNERS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x DP)",
+    "gradient_clipping": "optim.clip_grad",
+    "bf16.enabled": "train.precision",
+    "communication_data_type": "train.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
+    "zero_force_ds_cpu_optimizer": "the engine's optimizer (torch AdamW)",
+}
+# The engine brings these itself.
+_REFUSED_SECTIONS = {
+    "optimizer": "the optimizer is torch AdamW with megatron-core's parameter groups; "
+                 "set optim.* instead",
+    "scheduler": "the LR schedule is megatron-core's OptimizerParamScheduler; "
+                 "set optim.lr, optim.lr_warmup_iters, optim.lr_decay_style instead",
+}
+# Defaults the user JSON may change: the trainer logs every step itself.
+_DEFAULTS = {"steps_per_print": 2**31 - 1}
+
+
+def generated_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The keys the project's config owns. DP = world size (the engine runs TP = PP = 1)."""
+    t = cfg.train
+    gas = t.global_batch_size // (t.micro_batch_size * world_size)
+    bf16 = t.precision == "bf16"
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": cfg.deepspeed.zero_stage,
+            "offload_optimizer": {"device": "cpu" if cfg.deepspeed.offload_optimizer
+                                  else "none"},
+        },
+        # a torch optimizer may run the offloaded step (DeepSpeedCPUAdam would JIT-compile)
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if bf16:
+        # as the megatron engine (grad_reduce_in_fp32): gradients are reduced in fp32
+        ds["communication_data_type"] = "fp32"
+    return ds
+
+
+def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> dict[str, Any]:
+    """The generated config plus the user JSON's additions; refuses disagreements."""
+    ds = _merge(dict(_DEFAULTS), generated_config(cfg, world_size), path="", source=None)
+    user = read_user_json(cfg.deepspeed.config_json)
+    if not user:
+        return ds
+    source = cfg.deepspeed.config_json
+    for section, why in _REFUSED_SECTIONS.items():
+        if section in user:
+            raise ConfigError(f"{source}: section {section!r} is not accepted: {why}")
+    fp16 = user.get("fp16", {})
+    if isinstance(fp16, dict) and fp16.get("enabled") not in (None, False, "auto"):
+        if not on_cuda:
+            raise ConfigError(f"{source}: fp16.enabled=true, but DeepSpeed cannot run fp16 on "
+                              f"the CPU; use train.precision=bf16 or fp32")
+        if cfg.train.precision != "fp32":
+            raise ConfigError(f"{source}: fp16.enabled=true disagrees with "
+                              f"train.precision={cfg.train.precision}")
+    for key in [k for k, v in _DEFAULTS.items() if k in user]:
+        ds[key] = user[key]
+    return _merge(ds, {k: v for k, v in user.items() if k not in _DEFAULTS}, path="",
+                  source=source)
+
+
+def read_user_json(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config_json: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config_json: {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"deepspeed.config_json: {path} must hold a JSON object")
+    return raw
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], path: str,
+           source: str | None) -> dict[str, Any]:
+    """base + extra; a leaf both set must be equal (source names the user JSON)."""
+    out = dict(base)
+    for key, value in extra.items():
+        dotted = f"{path}{key}"
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, dotted + ".", source)
+        elif out[key] != value and value != "auto":
+            owner = _OWNERS.get(dotted, "the project's config")
+            raise ConfigError(f"{source}: {dotted}={value!r} disagrees with the value "
+                              f"{out[key]!r} generated from {owner}; remove it from the JSON")
+    return out
+
+
+def _check_deepspeed(cfg: Config, world_size: int) -> None:
+    """Refuse what the DeepSpeed engine cannot run, naming the keys involved."""
+    p, t = cfg.parallel, cfg.train
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if getattr(p, key) != 1:
+            raise ConfigError(f"train.engine=deepspeed runs the model without tensor or "
+                              f"pipeline parallelism (ZeRO shards over data parallel); got "
+                              f"parallel.{key}={getattr(p, key)}: use train.engine=megatron "
+                              f"for TP / PP")
+    if p.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError("train.engine=deepspeed has no pipeline schedule: unset "
+                          "parallel.virtual_pipeline_model_parallel_size")
+    for key in ("use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(p, key):
+            raise ConfigError(f"parallel.{key} belongs to the megatron engine; with "
+                              f"train.engine=deepspeed, ZeRO shards the optimizer "
+                              f"(deepspeed.zero_stage) and DeepSpeed overlaps communication "
+                              f"(zero_optimization.overlap_comm in deepspeed.config_json)")
+    if cfg.deepspeed.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: expected 1, 2 "
+                          f"or 3")
+    if t.fp8 is not None:
+        raise ConfigError("train.fp8 needs the megatron engine (Transformer Engine recipes); "
+                          "unset it with train.engine=deepspeed")
+    if t.nan_policy != "stop":
+        raise ConfigError("train.nan_policy=skip needs the megatron engine: DeepSpeed applies "
+                          "the update inside engine.step(); use train.nan_policy=stop")
+    if not cfg.checkpoint.save_optimizer:
+        raise ConfigError("checkpoint.save_optimizer=false cannot work with "
+                          "train.engine=deepspeed: ZeRO checkpoints keep the model's fp32 "
+                          "weights in the optimizer partitions")
+    deepspeed_config(cfg, world_size, on_cuda=_device(cfg) == "cuda")

@@ -1,13 +1,13 @@
 """Process groups from whichever launcher started us: torchrun, srun (Slurm), mpirun, or none.
 
-    env = init_distributed(cfg.parallel, device="cpu", seed=cfg.train.seed)
+    env = init_distributed(cfg.parallel, platform.device_type)
     ...
     destroy_distributed()
 
 The launcher only has to start the processes; this module finds out who is who (rank, world
 size, local rank, where rank 0 listens), exports the variables torch's `env://` rendezvous
-reads, starts the default process group and then megatron-core's tensor / pipeline /
-data-parallel groups.
+reads, starts the default process group (backend: `parallel.distributed_backend`, "auto"
+resolved by the platform) and then megatron-core's tensor / pipeline / data-parallel groups.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from megatron_t2i.config import ParallelConfig
+from megatron_t2i.platform import resolve_backend
 
 Launcher = Literal["torchrun", "slurm", "mpi", "single"]
 
@@ -175,7 +176,7 @@ def init_distributed(parallel_cfg: ParallelConfig, device: Literal["cuda", "cpu"
         torch.cuda.set_device(launch.local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend=_backend(parallel_cfg, device),
+            backend=resolve_backend(parallel_cfg.distributed_backend, device),
             init_method="env://",
             rank=launch.rank,
             world_size=launch.world_size,
@@ -200,12 +201,6 @@ def destroy_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _restore_env()
-
-
-def _backend(parallel_cfg: ParallelConfig, device: str) -> str:
-    if parallel_cfg.distributed_backend != "auto":
-        return parallel_cfg.distributed_backend
-    return "nccl" if device == "cuda" else "gloo"
 
 
 # What the environment held before _export_env, so destroy_distributed can put it back and a

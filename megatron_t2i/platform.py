@@ -48,12 +48,26 @@ class Platform:
         return torch.device("cpu")
 
 
-def select_platform(device: str = "auto", backend: str = "auto") -> Platform:
-    """Choose the platform, and on the CPU install the compatibility layer."""
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when a CUDA device is visible, else "cpu"; the one place it is
+    decided (config validation, the DeepSpeed JSON and the platform all ask here)."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: expected auto, cuda or cpu")
+    return device
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """"auto" -> NCCL on CUDA, gloo on the CPU; an explicit backend is kept."""
+    if backend != "auto":
+        return backend
+    return "nccl" if resolve_device(device) == "cuda" else "gloo"
+
+
+def select_platform(device: str = "auto", backend: str = "auto") -> Platform:
+    """Choose the platform, and on the CPU install the compatibility layer."""
+    device = resolve_device(device)
     if device == "cuda":
         # Before any refusal: the layer must never outlive a request for the CUDA platform.
         uninstall_cpu_compat()
@@ -61,9 +75,7 @@ def select_platform(device: str = "auto", backend: str = "auto") -> Platform:
             raise RuntimeError("device=cuda was asked for but no CUDA device is visible")
     else:
         install_cpu_compat()
-    if backend == "auto":
-        backend = "nccl" if device == "cuda" else "gloo"
-    return Platform(device_type=device, backend=backend)
+    return Platform(device_type=device, backend=resolve_backend(backend, device))
 
 
 # ---- the compatibility layer --------------------------------------------------------------

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from megatron_t2i.checkpoint.layout import CheckpointError
     from megatron_t2i.data.indexed import DataFileError
     from megatron_t2i.training import faults  # exit codes: see training/faults.py
-    from megatron_t2i.training.checkpointing import CheckpointError
     from megatron_t2i.training.trainer import run  # heavy imports after validation
     from megatron_t2i.vocab import VocabMismatchError
 

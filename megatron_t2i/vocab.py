@@ -19,11 +19,31 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 class VocabMismatchError(ValueError):
     """Two vocabulary layouts that must agree do not."""
+
+
+class TextVocabulary(Protocol):
+    """What the layout reads from a text tokenizer (tokenizers/text.py's TextTokenizer)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int | None: ...
+
+
+class Codebook(Protocol):
+    """What the layout reads from an image tokenizer (tokenizers/image.py's ImageTokenizer)."""
+
+    @property
+    def codebook_size(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +67,22 @@ class VocabLayout:
         if self.text_pad_id is None and "<pad>" not in self.added_specials:
             object.__setattr__(self, "added_specials", tuple(self.added_specials) + ("<pad>",))
         object.__setattr__(self, "added_specials", tuple(self.added_specials))
+
+    @classmethod
+    def from_tokenizers(cls, text: TextVocabulary, image: Codebook | None = None, *,
+                        image_size: int | None = None) -> VocabLayout:
+        """The layout of a text tokenizer plus an image codebook: the image tokenizer's, or
+        `image_size` codes where none is at hand (text-only token files, whose layout must
+        still match the image-caption files they are blended with)."""
+        if image is not None:
+            if image_size is not None and image_size != image.codebook_size:
+                raise ValueError(f"vocab: image_size={image_size} but the image tokenizer has "
+                                 f"{image.codebook_size} codes")
+            image_size = image.codebook_size
+        if image_size is None:
+            raise ValueError("vocab: the layout needs an image tokenizer or image_size")
+        return cls(text_size=text.vocab_size, image_size=image_size, bos_id=text.bos_id,
+                   eod_id=text.eos_id, text_pad_id=text.pad_id)
 
     # ---- ranges -------------------------------------------------------------------------
     @property

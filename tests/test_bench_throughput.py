@@ -15,7 +15,7 @@ from conftest import REPO, train_env
 from megatron_t2i.bench.hf_peer import PeerUnsupported, build_llama, peer_differences
 from megatron_t2i.bench.throughput import SyntheticT2IDataset, main, synthetic_layout
 from megatron_t2i.config import load_config
-from megatron_t2i.training.flops import flops_per_iteration, resolved_ffn_hidden_size
+from megatron_t2i.training.flops import flops_per_iteration
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.seq_length=80", "data.image_tokens_per_sample=64",
@@ -100,7 +100,7 @@ def test_1b_peer_and_flops_formula_agree_on_the_matmul_weights():
     notes = peer_differences(m)
     assert len(notes) == 1 and notes[0].startswith("normalization: ours LayerNorm")
     peer = build_llama(m, padded, torch.bfloat16, "meta")
-    h, f, L, V = m.hidden_size, resolved_ffn_hidden_size(m), m.num_layers, padded
+    h, f, L, V = m.hidden_size, m.resolved_ffn_hidden_size, m.num_layers, padded
     per_layer = 4 * h * h + 3 * h * f + 2 * h  # q, k, v, o; gate, up, down; two RMSNorms
     assert sum(p.numel() for p in peer.parameters()) == 2 * V * h + L * per_layer + h
     matmul_weights = sum(mod.weight.numel() for mod in peer.modules()

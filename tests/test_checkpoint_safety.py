@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, run_train, train_env
 
 from megatron_t2i.checkpoint.integrity import write_manifest
+from megatron_t2i.checkpoint.layout import CheckpointError
 from megatron_t2i.checkpoint.trust import UntrustedCheckpoint, check_before_load
-from megatron_t2i.training.checkpointing import CheckpointError, check_loadable
 
 sys.path.insert(0, str(REPO / "tools"))
 EXTRA_STATE = "decoder.layers.mlp.linear_fc1._extra_state"
@@ -154,7 +154,7 @@ def test_the_gate_names_file_and_class(genuine, tmp_path, payload):
         check_before_load(folder)
     assert str(crafted) in str(refused.value) and "\n" not in str(refused.value)
     with pytest.raises(CheckpointError, match="refused"):  # the trainer's error type
-        check_loadable(folder)
+        check_before_load(folder)
     assert not marker.exists()
 
 

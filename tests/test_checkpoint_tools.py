@@ -24,12 +24,11 @@ from megatron_t2i.checkpoint.inspect import describe, format_report
 from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.checkpoint.io import (
     CheckpointReader,
-    CheckpointToolError,
     Chunk,
     TensorSpec,
-    staged_output,
     write_checkpoint,
 )
+from megatron_t2i.checkpoint.layout import CheckpointError, staged_output
 from megatron_t2i.checkpoint.openlm import OpenLMSource
 from megatron_t2i.checkpoint.surgery import resize_vocab
 from megatron_t2i.vocab import VocabLayout
@@ -283,7 +282,7 @@ def test_surgery_streams_the_sources_chunks(work):
             assert torch.equal(out.read(key, chunk), full[chunk.index()]), (key, chunk)
     region = Chunk((1, 10, 3), (2, 300, 50))  # across stored chunks
     assert torch.equal(src.read(FC1, region), src.read(FC1)[region.index()])
-    with pytest.raises(CheckpointToolError, match="cannot read the region"):
+    with pytest.raises(CheckpointError, match="cannot read the region"):
         src.read(FC1, Chunk((3, 0, 0), (2, 384, 64)))
 
 
@@ -334,14 +333,14 @@ def test_inspect_reports_everything(work, capsys):
 def test_existing_target_refused_without_overwrite(work, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    with pytest.raises(CheckpointToolError, match="already exists; pass --overwrite"):
+    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
         resize_vocab(work["dir"] / "src2", target, IMAGE)
     stats = resize_vocab(work["dir"] / "src2", target, IMAGE, overwrite=True)
     assert stats.tensors == 9 and (target / "latest").read_text().strip() == "1"
 
 
 def test_output_inside_source_refused(work):
-    with pytest.raises(CheckpointToolError, match="overlaps the source"):
+    with pytest.raises(CheckpointError, match="overlaps the source"):
         resize_vocab(work["dir"] / "src2", work["dir"] / "src2" / "grown", IMAGE)
 
 
@@ -363,7 +362,7 @@ def _copy(work, tmp_path, name="r21") -> Path:
 def test_missing_shard(work, tmp_path):
     folder = _copy(work, tmp_path)
     next(folder.glob("*.distcp")).unlink()
-    with pytest.raises(CheckpointToolError, match=r"__.*\.distcp: missing \(listed in "
+    with pytest.raises(CheckpointError, match=r"__.*\.distcp: missing \(listed in "
                                                   r".*manifest.json\)"):
         resize_vocab(folder, tmp_path / "out", IMAGE)
 
@@ -374,7 +373,7 @@ def test_layout_mismatch(work, tmp_path):
     meta["padded_vocab_size"] = 512
     (folder / "meta.json").write_text(json.dumps(meta))
     write_manifest(folder)  # as if saved so: the manifest alone would refuse an edited file
-    with pytest.raises(CheckpointToolError, match="layout mismatch: meta.json says 512"):
+    with pytest.raises(CheckpointError, match="layout mismatch: meta.json says 512"):
         resize_vocab(folder, tmp_path / "out", IMAGE)
 
 
@@ -387,14 +386,14 @@ def test_layout_mismatch(work, tmp_path):
 ])
 def test_bad_targets(work, tmp_path, kwargs, message):
     kwargs = {"image_size": IMAGE, **kwargs}
-    with pytest.raises(CheckpointToolError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         resize_vocab(work["dir"] / "r21", tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
 
 def test_init_file_of_wrong_shape(work, tmp_path):
     torch.save({"word_embeddings": torch.zeros(10, 64)}, tmp_path / "rows.pt")
-    with pytest.raises(CheckpointToolError, match=r"'word_embeddings' is \(10, 64\).*\[256, 64\]"):
+    with pytest.raises(CheckpointError, match=r"'word_embeddings' is \(10, 64\).*\[256, 64\]"):
         resize_vocab(work["dir"] / "src2", tmp_path / "out", IMAGE, init="file",
                      init_file=tmp_path / "rows.pt")
 
@@ -402,11 +401,11 @@ def test_init_file_of_wrong_shape(work, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
-    with pytest.raises(CheckpointToolError, match="is not a checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
         describe(tmp_path / "junk")
-    with pytest.raises(CheckpointToolError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         HFSource(tmp_path / "junk")
-    with pytest.raises(CheckpointToolError, match="not an OpenLM checkpoint"):
+    with pytest.raises(CheckpointError, match="not an OpenLM checkpoint"):
         torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "x.pt")
         OpenLMSource(tmp_path / "x.pt", {"n_heads": 4})
 

@@ -19,7 +19,8 @@ from conftest import REPO
 from megatron_t2i.checkpoint.convert import import_checkpoint
 from megatron_t2i.checkpoint.hf import HFSource, export_hf
 from megatron_t2i.checkpoint.integrity import MANIFEST_FILE, read_manifest
-from megatron_t2i.checkpoint.io import CheckpointReader, CheckpointToolError
+from megatron_t2i.checkpoint.io import CheckpointReader
+from megatron_t2i.checkpoint.layout import CheckpointError
 from megatron_t2i.checkpoint.surgery import resize_vocab
 from megatron_t2i.config import ModelConfig
 from megatron_t2i.training import checkpointing
@@ -81,7 +82,7 @@ def test_linear_rope_refused_in_every_layout(plain, tmp_path, layout):
     cfg[group] = {key: "linear", "factor": 4.0, "rope_theta": 10000.0}
     (path / "config.json").write_text(json.dumps(cfg))
     assert (_logits(path) - _logits(plain)).abs().max() > 1e-3
-    with pytest.raises(CheckpointToolError, match=rf"{group}\.{key}='linear' is not supported"):
+    with pytest.raises(CheckpointError, match=rf"{group}\.{key}='linear' is not supported"):
         HFSource(path)
 
 
@@ -92,7 +93,7 @@ def test_mistral_sliding_window_refused(tmp_path):
     with torch.no_grad():  # transformers: the window changes positions from 4 on only
         diff = (windowed(IDS).logits - full(IDS).logits).abs().amax(dim=-1)[0]
     assert diff[:4].max() < 1e-5 and diff[4:].min() > 1e-3
-    with pytest.raises(CheckpointToolError, match="sliding_window=4 is not supported"):
+    with pytest.raises(CheckpointError, match="sliding_window=4 is not supported"):
         HFSource(tmp_path / "window")
     _edit_config(tmp_path / "window", sliding_window=None)
     assert HFSource(tmp_path / "window").spec.num_query_groups == 2
@@ -110,7 +111,7 @@ def test_mistral_sliding_window_refused(tmp_path):
 def test_config_keys_that_change_the_model_are_refused(plain, tmp_path, change, message):
     shutil.copytree(plain, tmp_path / "m")
     _edit_config(tmp_path / "m", **change)
-    with pytest.raises(CheckpointToolError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         HFSource(tmp_path / "m")
 
 
@@ -129,7 +130,7 @@ def test_vocabulary_tables_of_another_size_refused(plain, tmp_path, name, rows):
     _resave(tmp_path / "m", plain, **{name: torch.zeros(rows, 32)})
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers too
         transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m")
-    with pytest.raises(CheckpointToolError,
+    with pytest.raises(CheckpointError,
                        match=rf"model.safetensors: tensor {name} is \[{rows}, 32\], "
                              rf"config.json implies \[100, 32\]"):
         HFSource(tmp_path / "m")
@@ -138,11 +139,11 @@ def test_vocabulary_tables_of_another_size_refused(plain, tmp_path, name, rows):
 def test_wrong_shape_and_extra_tensors_refused(plain, tmp_path):
     _resave(tmp_path / "q", plain, **{"model.layers.1.self_attn.q_proj.weight":
                                       torch.zeros(16, 32)})
-    with pytest.raises(CheckpointToolError, match=r"layers.1.self_attn.q_proj.weight is "
+    with pytest.raises(CheckpointError, match=r"layers.1.self_attn.q_proj.weight is "
                                                   r"\[16, 32\], config.json implies \[32, 32\]"):
         HFSource(tmp_path / "q")
     _resave(tmp_path / "b", plain, **{"model.layers.0.self_attn.q_proj.bias": torch.ones(32)})
-    with pytest.raises(CheckpointToolError, match="q_proj.bias .* not part of a plain Llama"):
+    with pytest.raises(CheckpointError, match="q_proj.bias .* not part of a plain Llama"):
         HFSource(tmp_path / "b")
 
 
@@ -160,11 +161,11 @@ def test_openlm_pad_id_outside_the_vocabulary_refused(tmp_path):
              "layers.0.ffn_norm.weight": torch.ones(h)}
     torch.save({"state_dict": state}, tmp_path / "m.pt")
     src = OpenLMSource(tmp_path / "m.pt", {"n_heads": 4}, pad_id=VOCAB)
-    with pytest.raises(CheckpointToolError, match=r"the pad id 100 is outside the vocabulary"):
+    with pytest.raises(CheckpointError, match=r"the pad id 100 is outside the vocabulary"):
         import_checkpoint(src, tmp_path / "out")
     state["layers.0.feed_forward.w3.weight"] = torch.zeros(h, f - 1)
     torch.save({"state_dict": state}, tmp_path / "m.pt")
-    with pytest.raises(CheckpointToolError, match=r"down of layer 0 is \[32, 47\], the "
+    with pytest.raises(CheckpointError, match=r"down of layer 0 is \[32, 47\], the "
                                                   r"architecture implies \[32, 48\]"):
         import_checkpoint(OpenLMSource(tmp_path / "m.pt", {"n_heads": 4}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -219,7 +220,7 @@ def _meta(**model) -> dict:
 def test_tied_untied_mismatch_refused_both_ways(saved_untied, run_untied):
     run = ModelConfig(**dict(_meta()["config"]["model"],
                              untie_embeddings_and_output_weights=run_untied))
-    with pytest.raises(checkpointing.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         checkpointing.check_architecture(Path("ck"), _meta(
             untie_embeddings_and_output_weights=saved_untied), run)
     want = str(saved_untied).lower()
@@ -232,7 +233,7 @@ def test_tied_untied_mismatch_refused_both_ways(saved_untied, run_untied):
 def test_architecture_check_names_every_differing_key():
     run = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=48)
-    with pytest.raises(checkpointing.CheckpointError,
+    with pytest.raises(CheckpointError,
                        match=r"model.num_layers is 4 there, 2 here; model.normalization is "
                              r"\"LayerNorm\" there, \"RMSNorm\" here \(to load it, set "
                              r"model.num_layers=4 model.normalization=\"LayerNorm\"\)"):
@@ -270,15 +271,15 @@ def test_flipped_byte_refused_on_every_load_path(imported, tmp_path):
     folder = root / "iter_0000000"
     shard = _flip_byte_in_a_shard(folder)
     message = rf"{shard.name}: contents differ from the checksum recorded at save time"
-    with pytest.raises(CheckpointToolError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         CheckpointReader(root)  # inspect, surgery, export, alignment
     for load in (lambda: checkpointing.load_model_weights(folder, [], None, 128),
                  lambda: checkpointing.load_checkpoint(folder, [], None, None, None, 128)):
-        with pytest.raises(checkpointing.CheckpointError, match=message):  # trainer and eval
+        with pytest.raises(CheckpointError, match=message):  # trainer and eval
             load()
     from megatron_t2i.eval.loading import load_for_eval
 
-    with pytest.raises(checkpointing.CheckpointError, match=message):  # before any process
+    with pytest.raises(CheckpointError, match=message):  # before any process
         load_for_eval(root)  # group or model exists (evaluation, generation)
     CheckpointReader(root, verify=False)  # hashing skipped: sizes only
 
@@ -287,7 +288,7 @@ def test_truncated_shard_refused_by_size(imported, tmp_path):
     shutil.copytree(imported, tmp_path / "c")
     shard = next((tmp_path / "c/iter_0000000").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(checkpointing.CheckpointError, match=rf"{shard.name}: \d+ bytes, the "
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: \d+ bytes, the "
                                                             r"save recorded \d+ \(truncated"):
         checkpointing.load_model_weights(shard.parent, [], None, 128, verify=False)
 
@@ -302,7 +303,7 @@ def test_checkpoint_without_manifest_loads_with_a_warning(imported, tmp_path, ca
     assert "has no manifest.json" in capsys.readouterr().err
     shard = next(folder.glob("*.distcp"))  # the DCP metadata's sizes are still checked
     shard.write_bytes(shard.read_bytes()[:10])
-    with pytest.raises(checkpointing.CheckpointError, match=rf"{shard.name}: truncated"):
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated"):
         checkpointing.load_model_weights(folder, [], None, 128)
 
 

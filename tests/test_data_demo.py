@@ -8,8 +8,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_t2i.config import ConfigError, DataConfig
 from megatron_t2i.data import synthetic
-from megatron_t2i.data.dataset import T2IDataset, make_document, split_documents
-from megatron_t2i.data.demo import build_layout, prepare_demo_corpus
+from megatron_t2i.data.dataset import T2IDataset, split_documents
+from megatron_t2i.data.demo import prepare_demo_corpus
+from megatron_t2i.data.documents import make_document
 from megatron_t2i.data.indexed import open_indexed, paths, read_sidecar, write_indexed
 from megatron_t2i.data.sampler import DataParallelSampler
 from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
@@ -85,7 +86,7 @@ def test_kmeans_vq_on_noise_is_deterministic():
 
 def test_demo_round_trip_corpus_to_samples(demo):
     cfg, (prefix, layout, text, image) = demo
-    assert layout == build_layout(text, cfg.image_vocab_size)
+    assert layout == VocabLayout.from_tokenizers(text, image_size=cfg.image_vocab_size)
     assert (layout.text_size, layout.image_size) == (cfg.text_vocab_size, cfg.image_vocab_size)
     corpus = synthetic.generate(cfg.synthetic_samples, cfg.synthetic_image_size, SEED)
     codes = image.encode(corpus.images)

@@ -12,7 +12,8 @@ import yaml
 
 from megatron_t2i.config import Config, ConfigError, config_from_dict, validate
 from megatron_t2i.data.blend import BlendedDataset
-from megatron_t2i.data.dataset import PackedTextDataset, T2IDataset, make_document
+from megatron_t2i.data.dataset import PackedTextDataset, T2IDataset
+from megatron_t2i.data.documents import make_document
 from megatron_t2i.data.indexed import open_indexed, paths, write_indexed
 from megatron_t2i.data.loader import build_datasets, collate, resolve_sources
 from megatron_t2i.data.sampler import DataParallelSampler

@@ -18,9 +18,8 @@ import sys
 import pytest
 from conftest import REPO, TINY, read_metrics, run_train, train_env
 
-from megatron_t2i.config import ConfigError, load_config, validate
+from megatron_t2i.config import ConfigError, deepspeed_config, load_config, validate
 from megatron_t2i.train import main
-from megatron_t2i.training.deepspeed_config import deepspeed_config
 
 pytest.importorskip("deepspeed")
 

@@ -182,7 +182,7 @@ def test_zip_writer_short_write_on_a_full_disk_is_named(small_disk: Path) -> Non
     pos`) maps to the same message; the same error on a disk with room does not."""
     import torch
 
-    from megatron_t2i.training.checkpointing import disk_full_error
+    from megatron_t2i.checkpoint.layout import disk_full_error
 
     folder = small_disk / "iter_0000003.tmp"
     folder.mkdir()

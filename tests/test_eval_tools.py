@@ -124,11 +124,11 @@ def test_completions_refuse_pipeline_parallel(eval_checkpoint):
 
 
 def test_a_layout_the_processes_cannot_hold_is_refused(eval_checkpoint):
+    from megatron_t2i.checkpoint.layout import read_meta, resolve_folder
     from megatron_t2i.config import ConfigError
     from megatron_t2i.eval.loading import eval_config
-    from megatron_t2i.training.checkpointing import read_meta, resolve_checkpoint_folder
 
-    meta = read_meta(resolve_checkpoint_folder(eval_checkpoint / "checkpoints"))
+    meta = read_meta(resolve_folder(eval_checkpoint / "checkpoints"))
     with pytest.raises(ConfigError, match="TP=2 x PP=1 with 1 processes"):
         eval_config(meta, tp=2, pp=1)
     assert eval_config(meta, tp=1, pp=1).parallel.tensor_model_parallel_size == 1

@@ -15,15 +15,15 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_t2i.config import ModelConfig
-from megatron_t2i.training.flops import flops_per_iteration, mfu, resolved_ffn_hidden_size
+from megatron_t2i.training.flops import flops_per_iteration, mfu
 
 
 def test_resolved_ffn_hidden_size():
-    assert resolved_ffn_hidden_size(ModelConfig(hidden_size=64, activation="swiglu")) == 192
-    assert resolved_ffn_hidden_size(ModelConfig(hidden_size=4096, activation="swiglu")) == 10944
-    assert resolved_ffn_hidden_size(ModelConfig(hidden_size=96, activation="swiglu")) == 256
-    assert resolved_ffn_hidden_size(ModelConfig(hidden_size=64, activation="gelu")) == 256
-    assert resolved_ffn_hidden_size(ModelConfig(hidden_size=64, ffn_hidden_size=100)) == 100
+    assert ModelConfig(hidden_size=64, activation="swiglu").resolved_ffn_hidden_size == 192
+    assert ModelConfig(hidden_size=4096, activation="swiglu").resolved_ffn_hidden_size == 10944
+    assert ModelConfig(hidden_size=96, activation="swiglu").resolved_ffn_hidden_size == 256
+    assert ModelConfig(hidden_size=64, activation="gelu").resolved_ffn_hidden_size == 256
+    assert ModelConfig(hidden_size=64, ffn_hidden_size=100).resolved_ffn_hidden_size == 100
 
 
 def test_hand_count_tiny_model():
@@ -82,7 +82,7 @@ def test_mfu():
 
 def _reference_params(cfg: ModelConfig, vocab: int) -> list[dict[str, torch.Tensor]]:
     h, a = cfg.hidden_size, cfg.num_attention_heads
-    d, g, f = h // a, cfg.num_query_groups or a, resolved_ffn_hidden_size(cfg)
+    d, g, f = h // a, cfg.num_query_groups or a, cfg.resolved_ffn_hidden_size
 
     def w(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape) * 0.02).requires_grad_()

@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from megatron_t2i.config import LoggingConfig
-from megatron_t2i.training.metrics import (
-    MetricsLogger,
-    Stopwatch,
-    Throughput,
-    TimedIterator,
-    data_wait_fraction,
-)
+from megatron_t2i.timers import Stopwatch, TimedIterator
+from megatron_t2i.training.metrics import MetricsLogger, Throughput, data_wait_fraction
 
 TRAIN = {"loss": 5.25, "loss_text": 4.5, "loss_image": 6.0, "lr": 3e-4, "grad_norm": 1.5,
          "tokens_per_sec": 12345.0, "tflops_per_gpu": 45.6, "mfu": 0.046,

@@ -12,10 +12,13 @@ from conftest import world_of_one
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import random as mrandom
 
+from megatron_t2i.config import ConfigError, load_config, validate
 from megatron_t2i.platform import (
     Platform,
     cpu_compat_active,
     install_cpu_compat,
+    resolve_backend,
+    resolve_device,
     select_platform,
     uninstall_cpu_compat,
 )
@@ -163,6 +166,29 @@ def test_auto_with_cuda_chooses_cuda_and_no_layer(monkeypatch: pytest.MonkeyPatc
 def test_auto_without_cuda_chooses_cpu() -> None:
     assert select_platform("auto") == Platform(device_type="cpu", backend="gloo")
     assert cpu_compat_active()
+
+
+@pytest.mark.parametrize("cuda_visible", [True, False])
+def test_auto_device_and_backend_are_one_decision(cuda_visible, tmp_path, monkeypatch) -> None:
+    """Config validation (device checks, the DeepSpeed JSON) and the platform read "auto"
+    the same way, from resolve_device: a user JSON asking for fp16 is refused on the CPU only.
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_visible)
+    device = "cuda" if cuda_visible else "cpu"
+    assert resolve_device("auto") == device
+    assert resolve_backend("auto", "auto") == ("nccl" if cuda_visible else "gloo")
+    assert resolve_backend("gloo", "cuda") == "gloo"
+    with pytest.raises(ValueError, match="tpu"):
+        resolve_device("tpu")
+    user_json = tmp_path / "ds.json"
+    user_json.write_text('{"fp16": {"enabled": true}}')
+    cfg = load_config(None, ["train.engine=deepspeed", "data.image_tokens_per_sample=16",
+                             f"deepspeed.config_json={user_json}"])
+    if cuda_visible:
+        validate(cfg, world_size=1)
+    else:
+        with pytest.raises(ConfigError, match="cannot run fp16 on the CPU"):
+            validate(cfg, world_size=1)
 
 
 # ---- megatron-core's RNG tracker on the CPU ----------------------------------------------

@@ -128,3 +128,24 @@ def test_bos_and_eod_must_be_text_ids(field: str, value: int) -> None:
 def test_sizes_must_be_positive(text_size: int, image_size: int) -> None:
     with pytest.raises(ValueError, match="text_size"):
         VocabLayout(text_size=text_size, image_size=image_size, bos_id=0, eod_id=0)
+
+
+def test_layout_from_tokenizers(tmp_path: Path) -> None:
+    """The layout reads sizes and ids from the tokenizers themselves: the text tokenizer's
+    bos/eos/pad, the image tokenizer's codebook size (or image_size for text-only files)."""
+    from megatron_t2i.data import synthetic
+    from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
+    from megatron_t2i.tokenizers.text import SentencePieceTokenizer
+
+    corpus = synthetic.generate(64, 16, seed=0)
+    text = SentencePieceTokenizer.train(corpus.captions, 96, tmp_path / "sp")
+    image = KMeansPatchVQ.fit(corpus.images, codebook_size=24, patch_size=4, seed=0, iters=2)
+    layout = VocabLayout.from_tokenizers(text, image)
+    assert (layout.text_size, layout.image_size) == (96, 24)
+    assert (layout.bos_id, layout.eod_id) == (text.bos_id, text.eos_id)
+    assert layout.pad_id == (text.pad_id if text.pad_id is not None else layout.special_id("<pad>"))
+    assert VocabLayout.from_tokenizers(text, image_size=24) == layout  # text-only files
+    with pytest.raises(ValueError, match="image_size=25 but the image tokenizer has 24"):
+        VocabLayout.from_tokenizers(text, image, image_size=25)
+    with pytest.raises(ValueError, match="needs an image tokenizer or image_size"):
+        VocabLayout.from_tokenizers(text)

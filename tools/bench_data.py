@@ -151,6 +151,33 @@ def bench_loader(prefix: str, samples: int, seq_length: int, micro_batch: int) -
               f"{samples / dc:>9,.0f} per CPU-second | tokens/s {tokens / dt:>12,.0f} wall  "
               f"[{samples:,} samples of {seq_length} tokens, shuffled, micro batch "
               f"{micro_batch}, one process]", flush=True)
+        if name == "T2IDataset":
+            bench_id_checks(indexed, layout, micro_batch, dc / (samples // micro_batch))
+
+
+def bench_id_checks(indexed, layout, micro_batch: int, batch_seconds: float) -> None:
+    """The per-sample modality range check (dataset.document_problem) on its own: its cost
+    per micro batch, on these files and on paper-sized documents (100 caption tokens, 1,024
+    image codes), against the loader's whole time per micro batch (which includes it). CPU
+    seconds of this process, so that other load on the machine does not count."""
+    from megatron_t2i.data.dataset import document_problem
+    from megatron_t2i.data.documents import make_document
+
+    docs = [np.asarray(indexed[i], dtype=np.int64) for i in range(micro_batch)]
+    rng = np.random.default_rng(0)
+    paper = [make_document(rng.integers(4, layout.text_size, 100),
+                           rng.integers(0, layout.image_size, 1024), layout)
+             for _ in range(micro_batch)]
+    for what, batch in (("these files", docs), ("paper-sized", paper)):
+        reps = 2000
+        t0 = time.process_time()
+        for _ in range(reps):
+            for doc in batch:
+                assert document_problem(doc, layout) is None
+        per_batch = (time.process_time() - t0) / reps
+        print(f"id checks   {what:<11s} {per_batch * 1e6:>8.1f} us CPU per micro batch of "
+              f"{micro_batch} ({per_batch / batch_seconds:.1%} of the loader's "
+              f"{batch_seconds * 1e3:.2f} ms CPU per micro batch here)", flush=True)
 
 
 class _MegatronTokenizer:

@@ -31,15 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
+    from megatron_t2i.checkpoint.layout import read_meta, resolve_folder
     from megatron_t2i.config import config_from_dict
     from megatron_t2i.eval.fidelity import fidelity_of_samples
     from megatron_t2i.eval.generate import SamplingParams, generate_images
-    from megatron_t2i.training import checkpointing
     from megatron_t2i.training.sampling import held_out_captions
     from megatron_t2i.vocab import VocabLayout
 
-    meta = checkpointing.read_meta(
-        checkpointing.resolve_checkpoint_folder(Path(args.checkpoint)))
+    meta = read_meta(
+        resolve_folder(Path(args.checkpoint)))
     cfg = config_from_dict(meta["config"], source="checkpoint meta.json")
     captions = held_out_captions(cfg, VocabLayout.from_dict(meta["vocab"]), args.count)
     out = args.out or tempfile.mkdtemp(prefix="demo-fidelity-")

@@ -44,6 +44,7 @@ def save_trainer_source(folder: Path, layers: int, precision: str) -> None:
 
     from megatron_t2i.checkpoint import convert
     from megatron_t2i.checkpoint.convert import ModelSpec
+    from megatron_t2i.checkpoint.layout import TrainState
     from megatron_t2i.distributed import init_distributed
     from megatron_t2i.model.gpt import build_model_chunks
     from megatron_t2i.platform import select_platform
@@ -59,7 +60,7 @@ def save_trainer_source(folder: Path, layers: int, precision: str) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     chunks = build_model_chunks(cfg, padded, on_cuda=False)
     meta = {"config": cfg.to_dict(), "vocab": layout.to_dict(), "padded_vocab_size": padded}
-    checkpointing.save_checkpoint(folder, checkpointing.TrainState(0, 0), chunks, None,
+    checkpointing.save_checkpoint(folder, TrainState(0, 0), chunks, None,
                                   _NoScheduler(), meta, save_optimizer=False)
 
 

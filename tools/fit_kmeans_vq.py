@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_t2i.data.preprocess import collect_images
+from megatron_t2i.data.preprocess import collect_images, format_skips
 from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
 
 
@@ -25,7 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
-    images = collect_images(a.input, a.image_size, a.max_images, a.image_key)
+    skipped: list[tuple[str, str, str]] = []
+    try:
+        images = collect_images(a.input, a.image_size, a.max_images, a.image_key, skipped)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if skipped:
+            print(format_skips(skipped), file=sys.stderr)
     vq = KMeansPatchVQ.fit(images, a.codebook_size, a.patch_size, a.seed, a.iters)
     vq.save(a.output)
     print(f"fitted a {vq.codebook_size}-code k-means patch VQ on {len(images):,} images "

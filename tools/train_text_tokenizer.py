@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_t2i.data.preprocess import iter_texts
+from megatron_t2i.data.preprocess import format_skips, iter_texts
 from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 
 
@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-prefix", required=True)
     p.add_argument("--max-texts", type=int, default=None)
     a = p.parse_args(argv)
-    texts = list(iter_texts(a.input, a.field, a.max_texts))
+    skipped: list[tuple[str, str, str]] = []
+    texts = list(iter_texts(a.input, a.field, a.max_texts, skipped))
+    if skipped:
+        print(format_skips(skipped), file=sys.stderr)
     if not texts:
         print(f"error: no non-empty {a.field!r} in {a.input}", file=sys.stderr)
         return 1

@@ -106,12 +106,13 @@ def load_text_embeddings(path: str | Path, tensor_name: str | None = None) -> to
 
 
 def _table_from_checkpoint(path: Path) -> torch.Tensor:
-    from megatron_t2i.checkpoint.io import CheckpointReader, CheckpointToolError
+    from megatron_t2i.checkpoint.io import CheckpointReader
+    from megatron_t2i.checkpoint.layout import CheckpointError
 
     try:
         reader = CheckpointReader(path)
         table = reader.read(CHECKPOINT_TABLE)
-    except CheckpointToolError as e:
+    except CheckpointError as e:
         raise AlignmentError(f"text embeddings: {e}") from None
     if "vocab" in reader.meta:  # only the text rows: image rows and padding are not text
         table = table[:VocabLayout.from_dict(reader.meta["vocab"]).text_size]

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from megatron_t2i.config import Config, ModelConfig
-from megatron_t2i.training.flops import resolved_ffn_hidden_size
 
 
 class PeerUnsupported(ValueError):
@@ -57,7 +56,7 @@ def llama_config(model_cfg: ModelConfig, padded_vocab_size: int) -> Any:
     return LlamaConfig(
         vocab_size=padded_vocab_size,
         hidden_size=m.hidden_size,
-        intermediate_size=resolved_ffn_hidden_size(m),
+        intermediate_size=m.resolved_ffn_hidden_size,
         num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups or m.num_attention_heads,

@@ -47,6 +47,7 @@ from megatron_t2i.config import (
     validate,
     world_size_from_env,
 )
+from megatron_t2i.data.documents import make_document, make_sample
 from megatron_t2i.training.metrics import Throughput
 from megatron_t2i.vocab import VocabLayout
 
@@ -93,16 +94,9 @@ class SyntheticT2IDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, int(i) % self.num_samples])
         lay = self.layout
         caption = rng.integers(0, lay.text_size, self.caption_tokens)
-        codes = rng.integers(lay.image_start, lay.image_start + lay.image_size, self.image_tokens)
-        sample = np.concatenate([[lay.bos_id], caption, [lay.boi_id], codes, [lay.eoi_id]])
-        boi = 1 + self.caption_tokens
-        image = np.arange(1, self.seq_length + 1) > boi  # targets after <boi>: codes, <eoi>
-        return {
-            "tokens": torch.from_numpy(sample[:-1].astype(np.int64)),
-            "labels": torch.from_numpy(sample[1:].astype(np.int64)),
-            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
-            "modality": torch.from_numpy(image.astype(np.int64)),
-        }
+        codes = rng.integers(0, lay.image_size, self.image_tokens)
+        doc = make_document(caption, codes, lay)  # exactly seq_length + 1 ids: no padding
+        return make_sample(doc, 1 + self.caption_tokens, lay.pad_id, self.seq_length)
 
 
 def build_synthetic_pipeline(cfg: Config, platform: Any) -> Any:
@@ -350,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = BenchOptions(iters=args.iters, warmup=args.warmup, peer=args.peer, data=args.data,
                         run_dir=args.run_dir)
-    from megatron_t2i.training.checkpointing import CheckpointError
+    from megatron_t2i.checkpoint.layout import CheckpointError
     from megatron_t2i.vocab import VocabMismatchError
 
     try:

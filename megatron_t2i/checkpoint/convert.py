@@ -27,14 +27,12 @@ from typing import Any, Protocol
 import torch
 
 from megatron_t2i.checkpoint.io import (
-    CheckpointToolError,
     TensorSpec,
     WriteStats,
     object_bytes,
-    staged_output,
     write_checkpoint,
-    write_latest,
 )
+from megatron_t2i.checkpoint.layout import CheckpointError, staged_output, write_latest
 from megatron_t2i.config import Config
 from megatron_t2i.vocab import VocabLayout
 
@@ -74,10 +72,10 @@ class ModelSpec:
                         ("num_query_groups", self.num_query_groups),
                         ("ffn_hidden_size", self.ffn_hidden_size)):
             if n % tp:
-                raise CheckpointToolError(f"{where}: {what}={n} is not divisible by "
+                raise CheckpointError(f"{where}: {what}={n} is not divisible by "
                                           f"tensor_model_parallel_size={tp}")
         if self.num_layers % pp:
-            raise CheckpointToolError(f"{where}: num_layers={self.num_layers} is not divisible "
+            raise CheckpointError(f"{where}: num_layers={self.num_layers} is not divisible "
                                       f"by pipeline_model_parallel_size={pp}")
 
 
@@ -108,7 +106,7 @@ def check_special_ids(spec: ModelSpec, where: str) -> None:
     surgery, be an image code."""
     for name, value in (("bos", spec.bos_id), ("eos", spec.eod_id), ("pad", spec.pad_id)):
         if value is not None and not 0 <= value < spec.vocab_size:
-            raise CheckpointToolError(f"{where}: the {name} id {value} is outside the "
+            raise CheckpointError(f"{where}: the {name} id {value} is outside the "
                                       f"vocabulary [0, {spec.vocab_size})")
 
 
@@ -123,11 +121,11 @@ def check_source_shapes(src: Source) -> None:
                                                                                  layer).shape)
         where = name if layer is None else f"{name} of layer {layer}"
         if tuple(got) != shape:
-            raise CheckpointToolError(f"{src.path}: {where} is {list(got)}, the "
+            raise CheckpointError(f"{src.path}: {where} is {list(got)}, the "
                                       f"architecture implies {list(shape)}")
         bias = src.get(name + "_bias", layer) if name.endswith("norm") else None
         if bias is not None and tuple(bias.shape) != bias_shape:
-            raise CheckpointToolError(f"{src.path}: {where} bias is {list(bias.shape)}, the "
+            raise CheckpointError(f"{src.path}: {where} bias is {list(bias.shape)}, the "
                                       f"architecture implies {list(bias_shape)}")
 
 
@@ -281,7 +279,6 @@ def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:
     m = meta["config"]["model"]
     layout = VocabLayout.from_dict(meta["vocab"])
     from megatron_t2i.config import ModelConfig
-    from megatron_t2i.training.flops import resolved_ffn_hidden_size
 
     mc = ModelConfig(**{k: v for k, v in m.items()
                         if k in {f.name for f in dataclasses.fields(ModelConfig)}})
@@ -289,7 +286,7 @@ def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:
         num_layers=m["num_layers"], hidden_size=m["hidden_size"],
         num_attention_heads=m["num_attention_heads"],
         num_query_groups=m.get("num_query_groups") or m["num_attention_heads"],
-        ffn_hidden_size=resolved_ffn_hidden_size(mc), vocab_size=layout.size,
+        ffn_hidden_size=mc.resolved_ffn_hidden_size, vocab_size=layout.size,
         normalization=m["normalization"], norm_epsilon=m["norm_epsilon"],
         rotary_base=m["rotary_base"], tied=not m["untie_embeddings_and_output_weights"],
         max_position_embeddings=m.get("max_position_embeddings") or m["seq_length"],

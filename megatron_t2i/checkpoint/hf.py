@@ -20,11 +20,10 @@ from megatron_t2i.checkpoint.convert import ModelSpec
 from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.checkpoint.io import (
     CheckpointReader,
-    CheckpointToolError,
     WriteStats,
     reason,
-    staged_output,
 )
+from megatron_t2i.checkpoint.layout import CheckpointError, staged_output
 from megatron_t2i.vocab import VocabLayout
 
 _PER_LAYER = {
@@ -57,25 +56,25 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str) -> ModelSpec:
     compute differently from transformers is refused by name (one line)."""
     def need(key: str) -> Any:
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise CheckpointToolError(f"{where}: config.json needs a positive integer {key!r}, "
+            raise CheckpointError(f"{where}: config.json needs a positive integer {key!r}, "
                                       f"found {cfg.get(key)!r}")
         return cfg[key]
 
     hidden, heads = need("hidden_size"), need("num_attention_heads")
     _refuse_unsupported(cfg, where)
     if hidden % heads:
-        raise CheckpointToolError(f"{where}: hidden_size={hidden} is not divisible by "
+        raise CheckpointError(f"{where}: hidden_size={hidden} is not divisible by "
                                   f"num_attention_heads={heads}")
     if cfg.get("head_dim") not in (None, hidden // heads):
-        raise CheckpointToolError(f"{where}: head_dim={cfg['head_dim']} differs from "
+        raise CheckpointError(f"{where}: head_dim={cfg['head_dim']} differs from "
                                   f"hidden_size / num_attention_heads = {hidden // heads}")
     groups = cfg.get("num_key_value_heads") or heads
     if heads % groups:
-        raise CheckpointToolError(f"{where}: num_attention_heads={heads} is not a multiple of "
+        raise CheckpointError(f"{where}: num_attention_heads={heads} is not a multiple of "
                                   f"num_key_value_heads={groups}")
     theta = _rope_theta(cfg, where)
     if theta != int(theta):
-        raise CheckpointToolError(f"{where}: rope_theta={theta} is not an integer")
+        raise CheckpointError(f"{where}: rope_theta={theta} is not an integer")
     vocab = need("vocab_size")
     return ModelSpec(
         num_layers=need("num_hidden_layers"), hidden_size=hidden, num_attention_heads=heads,
@@ -91,20 +90,20 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str) -> ModelSpec:
 def _refuse_unsupported(cfg: dict[str, Any], where: str) -> None:
     for key, plain in _PLAIN.items():
         if cfg.get(key) not in (None, plain):
-            raise CheckpointToolError(f"{where}: {key}={cfg[key]!r} is not supported (our GPT "
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported (our GPT "
                                       f"computes it as {key}={plain!r}; importing would give "
                                       f"a different model)")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointToolError(f"{where}: hidden_act={cfg['hidden_act']!r}; only silu "
+        raise CheckpointError(f"{where}: hidden_act={cfg['hidden_act']!r}; only silu "
                                   f"(SwiGLU) is supported")
     window = cfg.get("sliding_window")
     if window is not None and window < cfg.get("max_position_embeddings", 2048):
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"{where}: sliding_window={window} is not supported (our attention is full causal "
             f"attention: positions from {window} on would differ)")
     full = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
     if full:
-        raise CheckpointToolError(f"{where}: layer_types has {full[0]!r} layers; only "
+        raise CheckpointError(f"{where}: layer_types has {full[0]!r} layers; only "
                                   f"full_attention is supported")
 
 
@@ -118,19 +117,19 @@ def _rope_theta(cfg: dict[str, Any], where: str) -> float:
         if params is None:
             continue
         if not isinstance(params, dict):
-            raise CheckpointToolError(f"{where}: {layout}={params!r} is not a JSON object")
+            raise CheckpointError(f"{where}: {layout}={params!r} is not a JSON object")
         for key in ("rope_type", "type"):
             if params.get(key, "default") != "default":
-                raise CheckpointToolError(
+                raise CheckpointError(
                     f"{where}: {layout}.{key}={params[key]!r} is not supported (plain RoPE "
                     f"only; this scaling would change the logits)")
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise CheckpointToolError(f"{where}: {layout}.partial_rotary_factor="
+            raise CheckpointError(f"{where}: {layout}.partial_rotary_factor="
                                       f"{params['partial_rotary_factor']} is not supported")
         theta = params.get("rope_theta", theta)
     theta = 10000.0 if theta is None else theta
     if not isinstance(theta, (int, float)) or theta <= 0:
-        raise CheckpointToolError(f"{where}: rope_theta={theta!r} is not a positive number")
+        raise CheckpointError(f"{where}: rope_theta={theta!r} is not a positive number")
     return float(theta)
 
 
@@ -142,7 +141,7 @@ def _token_id(cfg: dict[str, Any], key: str, default: int | None, vocab: int,
     values = value if isinstance(value, list) else [] if value is None else [value]
     for v in values:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab:
-            raise CheckpointToolError(f"{where}: {key}={value!r} is outside the vocabulary "
+            raise CheckpointError(f"{where}: {key}={value!r} is outside the vocabulary "
                                       f"[0, {vocab})")
     return values[0] if values else default
 
@@ -157,14 +156,14 @@ class HFSource:
         self.path = Path(path)
         config = self.path / "config.json"
         if not config.is_file():
-            raise CheckpointToolError(f"{self.path}: no config.json (not a Hugging Face model "
+            raise CheckpointError(f"{self.path}: no config.json (not a Hugging Face model "
                                       f"folder)")
         self.config = _read_json(config)
         if not isinstance(self.config, dict):
-            raise CheckpointToolError(f"{config}: not a JSON object")
+            raise CheckpointError(f"{config}: not a JSON object")
         arch = self.config.get("model_type")
         if arch not in ("llama", "mistral", None):
-            raise CheckpointToolError(f"{config}: model_type {arch!r} is not Llama-family")
+            raise CheckpointError(f"{config}: model_type {arch!r} is not Llama-family")
         self.spec = spec_from_hf_config(self.config, str(config))
         self._open: dict[Path, Any] = {}
         self._files = self._weight_files()
@@ -177,13 +176,13 @@ class HFSource:
             if index.is_file():
                 weight_map = _read_json(index).get("weight_map")
                 if not isinstance(weight_map, dict):
-                    raise CheckpointToolError(f"{index}: no 'weight_map' object")
+                    raise CheckpointError(f"{index}: no 'weight_map' object")
                 return {k: self.path / v for k, v in weight_map.items()}
         for single in ("model.safetensors", "pytorch_model.bin"):
             f = self.path / single
             if f.is_file():
                 return {k: f for k in self._names_in(f)}
-        raise CheckpointToolError(f"{self.path}: no model.safetensors, pytorch_model.bin or "
+        raise CheckpointError(f"{self.path}: no model.safetensors, pytorch_model.bin or "
                                   f"index of shards")
 
     def _check_tensors(self) -> None:
@@ -194,14 +193,14 @@ class HFSource:
                   if not (name == "lm_head" and self.spec.tied)}
         for key, shape in wanted.items():
             if key not in self._files:
-                raise CheckpointToolError(f"{self.path}: tensor {key} is missing")
+                raise CheckpointError(f"{self.path}: tensor {key} is missing")
             got = self._shape(key)
             if got != shape:
-                raise CheckpointToolError(f"{self._files[key]}: tensor {key} is "
+                raise CheckpointError(f"{self._files[key]}: tensor {key} is "
                                           f"{list(got)}, config.json implies {list(shape)}")
         extra = [k for k in self._files if k not in wanted and not _ignorable(k, self.spec)]
         if extra:
-            raise CheckpointToolError(f"{self._files[extra[0]]}: tensor {extra[0]} (and "
+            raise CheckpointError(f"{self._files[extra[0]]}: tensor {extra[0]} (and "
                                       f"{len(extra) - 1} more) is not part of a plain Llama "
                                       f"model; importing without it would change the model")
 
@@ -216,7 +215,7 @@ class HFSource:
         if hasattr(handle, "get_slice"):
             return tuple(handle.get_slice(key).get_shape())
         if key not in handle:
-            raise CheckpointToolError(f"{self._files[key]}: tensor {key} listed in the index "
+            raise CheckpointError(f"{self._files[key]}: tensor {key} listed in the index "
                                       f"is not in the file")
         return tuple(handle[key].shape)
 
@@ -226,7 +225,7 @@ class HFSource:
     def _handle(self, f: Path) -> Any:
         if f not in self._open:
             if not f.is_file():
-                raise CheckpointToolError(f"{f}: shard listed in the index is missing")
+                raise CheckpointError(f"{f}: shard listed in the index is missing")
             self._open[f] = _open_weights(f)
         return self._open[f]
 
@@ -237,12 +236,12 @@ class HFSource:
             name = "embed"
         key = hf_name(name, layer)
         if key not in self._files:
-            raise CheckpointToolError(f"{self.path}: tensor {key} is missing")
+            raise CheckpointError(f"{self.path}: tensor {key} is missing")
         handle = self._handle(self._files[key])
         try:
             return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
         except Exception as e:  # bytes past a truncated end, a corrupt header
-            raise CheckpointToolError(f"{self._files[key]}: tensor {key} cannot be read "
+            raise CheckpointError(f"{self._files[key]}: tensor {key} cannot be read "
                                       f"({reason(e)})") from None
 
 
@@ -262,10 +261,10 @@ def _open_weights(f: Path) -> Any:
             return safe_open(str(f), framework="pt")
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointToolError(f"{f}: not a readable weights file ({reason(e)})"
+        raise CheckpointError(f"{f}: not a readable weights file ({reason(e)})"
                                   ) from None
     if not isinstance(state, dict):
-        raise CheckpointToolError(f"{f}: holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"{f}: holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -273,7 +272,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointToolError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -330,7 +329,7 @@ def _check_exportable(meta: dict[str, Any], where: str) -> None:
     for key, want in (("normalization", "RMSNorm"), ("activation", "swiglu"),
                       ("position_embedding_type", "rope"), ("add_bias_linear", False)):
         if m.get(key) != want:
-            raise CheckpointToolError(f"{where}: model.{key}={m.get(key)!r}; the Llama format "
+            raise CheckpointError(f"{where}: model.{key}={m.get(key)!r}; the Llama format "
                                       f"needs {want!r}")
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import xxhash
 
+from megatron_t2i.files import write_text_atomic
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "megatron_t2i-manifest"
 HASH_NAME = "xxh3-128"
@@ -58,12 +60,7 @@ def write_manifest(folder: Path) -> Path:
             files[name] = {"size": path.stat().st_size, "hash": file_hash(path)}
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "hash": HASH_NAME, "files": files}
     out = folder / MANIFEST_FILE
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(manifest, indent=1) + "\n")
     return out
 
 

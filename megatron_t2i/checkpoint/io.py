@@ -12,22 +12,18 @@ writes each layer of a layer-stacked tensor as its own chunk (split again by TP)
 the whole model in memory, nor even a whole tensor: `CheckpointReader.read` loads a tensor or
 one chunk of it, and `write_checkpoint` plans a DCP save from shapes alone and asks for each
 chunk only when DCP is about to write it; layer-stacked tensors are written one layer per
-chunk, as the trainer does, so a later tool can stream them too. `staged_output` makes a
-tool's output appear whole or not at all.
+chunk, as the trainer does, so a later tool can stream them too. A tool's output appears whole or
+not at all through checkpoint/layout.py's `staged_output`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import pickle
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,8 +51,15 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_t2i.checkpoint.integrity import ChecksumError, verify_checkpoint, write_manifest
+from megatron_t2i.checkpoint.layout import (
+    META_FILE,
+    CheckpointError,
+    read_meta,
+    resolve_folder,
+    write_meta,
+)
+from megatron_t2i.files import sync_folder
 
-META_FILE = "meta.json"
 COMMON_FILE = "common.pt"
 DCP_METADATA_FILE = ".metadata"
 BACKEND_FILE = "metadata.json"
@@ -67,13 +70,9 @@ VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 LAYERS_KEY = "decoder.layers."  # keys holding it stack every layer on a leading axis
 
 
-class CheckpointToolError(ValueError):
-    """Input a checkpoint tool cannot use; the message names the file and what is wrong."""
-
-
 # What bad input makes the tools' libraries raise (torch.load, safetensors, json, DCP): each
 # is reported as one `error: FILE: what is wrong` line, exit 1 (tool_error).
-TOOL_INPUT_ERRORS = (CheckpointToolError, OSError, ValueError, RuntimeError, KeyError,
+TOOL_INPUT_ERRORS = (CheckpointError, OSError, ValueError, RuntimeError, KeyError,
                      EOFError, pickle.UnpicklingError)
 
 
@@ -89,8 +88,8 @@ def reason(err: BaseException) -> str:
 
 def tool_error(err: BaseException, source: str) -> int:
     """Print `err` as the one line a command-line tool reports; returns the exit status 1.
-    A CheckpointToolError names its file already; anything else is prefixed with `source`."""
-    if isinstance(err, CheckpointToolError):
+    A CheckpointError names its file already; anything else is prefixed with `source`."""
+    if isinstance(err, CheckpointError):
         text = " ".join(str(err).split())  # a message quoting DCP may span several lines
     else:
         text = f"{source}: {reason(err)}"
@@ -144,33 +143,16 @@ def default_chunks(key: str, shape: tuple[int, ...]) -> tuple[Chunk, ...]:
     return (whole(shape),)
 
 
-def iteration_folder(path: str | Path) -> Path:
-    """The `iter_NNNNNNN` folder a path names: itself, or the one its `latest` points to."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointToolError(f"{path}: no such checkpoint folder")
-    if (path / META_FILE).exists() or path.name.startswith("iter_"):
-        return path
-    latest = path / "latest"
-    if latest.exists():
-        text = latest.read_text().strip()
-        if not text.isdigit():
-            raise CheckpointToolError(f"{latest}: expected an iteration number, found {text!r}")
-        return path / f"iter_{int(text):07d}"
-    raise CheckpointToolError(f"{path} is not a checkpoint: it has neither {META_FILE} (an "
-                              f"iter_NNNNNNN folder) nor a `latest` file (a checkpoint root)")
-
-
 def read_safe_metadata(folder: Path):
     """The folder's DCP `.metadata` through the allowlist unpickler (checkpoint/trust.py)."""
     from megatron_t2i.checkpoint.trust import read_dcp_metadata
 
     try:
         return read_dcp_metadata(folder / DCP_METADATA_FILE)
-    except CheckpointToolError:
+    except CheckpointError:
         raise
     except Exception as e:  # a truncated or foreign .metadata file
-        raise CheckpointToolError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
+        raise CheckpointError(f"{folder / DCP_METADATA_FILE}: not a readable DCP "
                                   f"metadata file ({reason(e)})") from None
 
 
@@ -185,10 +167,10 @@ def check_shards(folder: Path) -> None:
     for name, size in sorted(needed.items()):
         path = folder / name
         if not path.is_file():
-            raise CheckpointToolError(f"{folder}: shard file {name} is missing "
+            raise CheckpointError(f"{folder}: shard file {name} is missing "
                                       f"(listed in {DCP_METADATA_FILE})")
         if path.stat().st_size < size:
-            raise CheckpointToolError(f"{path}: truncated ({path.stat().st_size} bytes, "
+            raise CheckpointError(f"{path}: truncated ({path.stat().st_size} bytes, "
                                       f"the metadata needs {size})")
 
 
@@ -199,7 +181,7 @@ def check_files(folder: Path, verify: bool = True, dcp: bool = True) -> None:
     try:
         verified = verify_checkpoint(folder, verify)
     except ChecksumError as e:
-        raise CheckpointToolError(str(e)) from None
+        raise CheckpointError(str(e)) from None
     if not verified and dcp:
         check_shards(folder)
 
@@ -208,18 +190,15 @@ class CheckpointReader:
     """One trainer checkpoint, checked to be complete, read a tensor at a time."""
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
-        self.folder = iteration_folder(path)
+        self.folder = resolve_folder(path)
         for name in (META_FILE, BACKEND_FILE, DCP_METADATA_FILE, COMMON_FILE):
             if not (self.folder / name).is_file():
-                raise CheckpointToolError(
+                raise CheckpointError(
                     f"{self.folder} is not a complete trainer checkpoint: {name} is missing")
-        try:
-            self.meta: dict[str, Any] = json.loads((self.folder / META_FILE).read_text())
-        except ValueError as e:
-            raise CheckpointToolError(f"{self.folder / META_FILE}: not valid JSON ({e})") from None
+        self.meta: dict[str, Any] = read_meta(self.folder)
         backend = json.loads((self.folder / BACKEND_FILE).read_text())
         if backend.get("sharded_backend") != "torch_dist":
-            raise CheckpointToolError(f"{self.folder / BACKEND_FILE}: sharded backend "
+            raise CheckpointError(f"{self.folder / BACKEND_FILE}: sharded backend "
                                       f"{backend.get('sharded_backend')!r}, expected torch_dist")
         # sizes and checksums, then every pickle: nothing in the folder runs code, and what
         # read_object_bytes hands on to be copied has been validated
@@ -244,7 +223,7 @@ class CheckpointReader:
         each piece exactly once."""
         md = self._metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
-            raise CheckpointToolError(f"{self.folder}: no tensor {key!r} in the checkpoint")
+            raise CheckpointError(f"{self.folder}: no tensor {key!r} in the checkpoint")
         return TensorSpec(tuple(md.size), md.properties.dtype, tuple(self.chunks(key)))
 
     def chunks(self, key: str) -> list[Chunk]:
@@ -257,10 +236,10 @@ class CheckpointReader:
 
         try:
             return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
-        except CheckpointToolError:
+        except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointToolError(f"{self.folder / COMMON_FILE}: cannot be read "
+            raise CheckpointError(f"{self.folder / COMMON_FILE}: cannot be read "
                                       f"({reason(e)})") from None
 
     # ---- reading ---------------------------------------------------------------------------
@@ -272,7 +251,7 @@ class CheckpointReader:
         chunk = chunk or whole(spec.shape)
         if len(chunk.offsets) != len(spec.shape) or any(
                 o < 0 or n < 0 or o + n > s for o, n, s in zip(*chunk, spec.shape)):
-            raise CheckpointToolError(f"{self.folder}: {key} is {spec.shape}; cannot read the "
+            raise CheckpointError(f"{self.folder}: {key} is {spec.shape}; cannot read the "
                                       f"region at {chunk.offsets} of size {chunk.sizes}")
         if chunk in spec.chunks:
             stored = self._load_stored_chunk(key, chunk)
@@ -284,7 +263,7 @@ class CheckpointReader:
                                                  [wanted])
         found = sum(whole(tuple(item.lengths)).numel for item in items)
         if found != chunk.numel:
-            raise CheckpointToolError(f"{self.folder}: the stored chunks of {key} cover {found} "
+            raise CheckpointError(f"{self.folder}: the stored chunks of {key} cover {found} "
                                       f"of the {chunk.numel} elements asked for")
         self._read(items, _ReadInto(out))
         return out
@@ -292,7 +271,7 @@ class CheckpointReader:
     def read_object_bytes(self, key: str) -> bytes:
         """The serialized bytes of a sharded object (RNG state, layer extra state), unparsed."""
         if not isinstance(self._metadata.state_dict_metadata.get(key), BytesStorageMetadata):
-            raise CheckpointToolError(f"{self.folder}: no object {key!r} in the checkpoint")
+            raise CheckpointError(f"{self.folder}: no object {key!r} in the checkpoint")
         index = MetadataIndex(key)
         into = _ReadInto()
         self._read([ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
@@ -315,7 +294,7 @@ class CheckpointReader:
             tensor = torch.load(_FileWindow(f, info.offset, info.length), map_location="cpu",
                                 weights_only=True)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != chunk.sizes:
-            raise CheckpointToolError(f"{self.folder / info.relative_path}: the chunk of {key} "
+            raise CheckpointError(f"{self.folder / info.relative_path}: the chunk of {key} "
                                       f"at {chunk.offsets} does not hold a {chunk.sizes} tensor")
         return tensor
 
@@ -502,59 +481,9 @@ def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer 
         dcp.save(planned, storage_writer=writer, planner=planner, no_dist=True)
     torch.save(common, folder / COMMON_FILE)
     (folder / BACKEND_FILE).write_text(json.dumps(BACKEND))
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta(folder, meta)
     write_manifest(folder)
-    _sync_folder(folder)
+    sync_folder(folder)
     stats.bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-def _sync_folder(folder: Path) -> None:
-    """Every file of `folder`, and the folder itself, on disk before the output is published."""
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def staged_output(target: str | Path, overwrite: bool = False,
-                  sources: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; rename it into place once the body succeeds.
-
-    A killed or failing tool leaves `target` as it was (a leftover `.<name>.tmp-*` folder at
-    most). An existing target is refused unless `overwrite`; a target that is (or holds) one
-    of the `sources` is always refused, so a source is never modified.
-    """
-    target = Path(target).absolute()
-    for src in sources:
-        src = Path(src).absolute()
-        if target == src or target in src.parents or src in target.parents:
-            raise CheckpointToolError(f"output {target} overlaps the source {src}; "
-                                      f"write to another folder")
-    if target.exists() and not overwrite:
-        raise CheckpointToolError(f"{target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_latest(root: Path, iteration: int) -> None:
-    (root / "latest").write_text(f"{iteration}\n")

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from megatron_t2i.checkpoint.convert import ModelSpec
-from megatron_t2i.checkpoint.io import CheckpointToolError, reason
+from megatron_t2i.checkpoint.io import reason
+from megatron_t2i.checkpoint.layout import CheckpointError
 
 _PER_LAYER = {"attn_norm": "attention_norm.weight", "attn_norm_bias": "attention_norm.bias",
               "o": "attention.out_proj.weight", "mlp_norm": "ffn_norm.weight",
@@ -50,16 +51,16 @@ class OpenLMSource:
         self.state = _load_state_dict(self.path)
         cfg = _model_config(model_config)
         if cfg.get("apply_qk_norm") or any(".attention.q_norm." in k for k in self.state):
-            raise CheckpointToolError(f"{self.path}: apply_qk_norm models are not supported")
+            raise CheckpointError(f"{self.path}: apply_qk_norm models are not supported")
         if cfg.get("post_embed_norm") or any(k.startswith("post_embed_norm.") for k in self.state):
-            raise CheckpointToolError(f"{self.path}: post_embed_norm models are not supported")
+            raise CheckpointError(f"{self.path}: post_embed_norm models are not supported")
         heads = num_attention_heads or cfg.get("n_heads")
         if not heads:
-            raise CheckpointToolError(f"{self.path}: the number of attention heads is not in "
+            raise CheckpointError(f"{self.path}: the number of attention heads is not in "
                                       f"the state dict; give the model config (n_heads) or "
                                       f"--num-attention-heads")
         if norm not in ("layer_norm", "rms_norm"):
-            raise CheckpointToolError(f"OpenLM norm {norm!r}: expected layer_norm or rms_norm")
+            raise CheckpointError(f"OpenLM norm {norm!r}: expected layer_norm or rms_norm")
         self.spec = self._spec(int(heads), cfg, norm, bos_id, eod_id, pad_id)
 
     def _spec(self, heads: int, cfg: dict[str, Any], norm: str, bos: int, eod: int,
@@ -67,7 +68,7 @@ class OpenLMSource:
         embed = self._tensor("tok_embeddings.weight")
         layers = {int(k.split(".")[1]) for k in self.state if k.startswith("layers.")}
         if not layers or sorted(layers) != list(range(len(layers))):
-            raise CheckpointToolError(f"{self.path}: no consecutive layers.N.* parameters")
+            raise CheckpointError(f"{self.path}: no consecutive layers.N.* parameters")
         w12 = self._tensor("layers.0.feed_forward.w12.weight")
         tied = bool(cfg.get("weight_tying", False)) or "output.weight" not in self.state
         return ModelSpec(
@@ -81,7 +82,7 @@ class OpenLMSource:
 
     def _tensor(self, key: str) -> torch.Tensor:
         if key not in self.state:
-            raise CheckpointToolError(f"{self.path}: parameter {key} is missing")
+            raise CheckpointError(f"{self.path}: parameter {key} is missing")
         return self.state[key]
 
     def get(self, name: str, layer: int | None = None) -> torch.Tensor | None:
@@ -103,16 +104,16 @@ class OpenLMSource:
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointToolError(f"{path}: no such OpenLM checkpoint file")
+        raise CheckpointError(f"{path}: no such OpenLM checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointToolError(f"{path}: not a readable OpenLM checkpoint ({reason(e)})"
+        raise CheckpointError(f"{path}: not a readable OpenLM checkpoint ({reason(e)})"
                                   ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(str(k).endswith("tok_embeddings.weight")
                                                for k in state):
-        raise CheckpointToolError(f"{path}: not an OpenLM checkpoint (no tok_embeddings.weight "
+        raise CheckpointError(f"{path}: not an OpenLM checkpoint (no tok_embeddings.weight "
                                   f"in its state_dict)")
     out = {}
     for key, value in state.items():
@@ -129,4 +130,4 @@ def _model_config(model_config: str | Path | dict[str, Any] | None) -> dict[str,
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointToolError(f"{path}: cannot read the OpenLM model config ({e})") from None
+        raise CheckpointError(f"{path}: cannot read the OpenLM model config ({e})") from None

@@ -38,15 +38,13 @@ import torch
 from megatron_t2i.checkpoint.io import (
     VOCAB_KEYS,
     CheckpointReader,
-    CheckpointToolError,
     Chunk,
     TensorSpec,
     WriteStats,
     reason,
-    staged_output,
     write_checkpoint,
-    write_latest,
 )
+from megatron_t2i.checkpoint.layout import CheckpointError, staged_output, write_latest
 from megatron_t2i.vocab import VocabLayout
 
 InitMethod = Literal["normal", "mean", "mean_std", "file"]
@@ -68,7 +66,7 @@ def target_layout(source: VocabLayout, image_size: int,
                   specials: Sequence[str] = ("<boi>", "<eoi>")) -> VocabLayout:
     """The grown layout: the source's text range, `image_size` codes, the specials."""
     if image_size < source.image_size:
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"the source has {source.image_size} image codes; shrinking to {image_size} would "
             f"drop trained rows")
     specials = tuple(specials)
@@ -76,7 +74,7 @@ def target_layout(source: VocabLayout, image_size: int,
         specials += ("<pad>",)
     missing = [s for s in source.added_specials if s not in specials]
     if missing:
-        raise CheckpointToolError(f"the source's specials {missing} are not in the target "
+        raise CheckpointError(f"the source's specials {missing} are not in the target "
                                   f"specials {list(specials)}; their trained rows would be lost")
     return VocabLayout(text_size=source.text_size, image_size=image_size, bos_id=source.bos_id,
                        eod_id=source.eod_id, added_specials=specials,
@@ -89,13 +87,13 @@ def padded_size(layout: VocabLayout, tensor_parallel: int, divisible_by: int,
     padded = explicit if explicit is not None else layout.padded_size(divisible_by,
                                                                       tensor_parallel)
     if padded < layout.text_size:
-        raise CheckpointToolError(f"a vocabulary of {padded} rows would shrink below the "
+        raise CheckpointError(f"a vocabulary of {padded} rows would shrink below the "
                                   f"{layout.text_size} text ids")
     if padded < layout.size:
-        raise CheckpointToolError(f"a vocabulary of {padded} rows cannot hold the layout's "
+        raise CheckpointError(f"a vocabulary of {padded} rows cannot hold the layout's "
                                   f"{layout.size} ids (text, image codes, specials)")
     if padded % tensor_parallel:
-        raise CheckpointToolError(f"the padded vocabulary ({padded} rows) is not divisible by "
+        raise CheckpointError(f"the padded vocabulary ({padded} rows) is not divisible by "
                                   f"tensor_model_parallel_size={tensor_parallel}")
     return padded
 
@@ -167,7 +165,7 @@ def load_init_file(path: Path, n_new_image: int, hidden: int, untied: bool
                    ) -> dict[str, torch.Tensor]:
     """Rows for the new image codes: `word_embeddings` (required), `output_layer` (optional)."""
     if not path.is_file():
-        raise CheckpointToolError(f"--init-file {path}: no such file")
+        raise CheckpointError(f"--init-file {path}: no such file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -176,10 +174,10 @@ def load_init_file(path: Path, n_new_image: int, hidden: int, untied: bool
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointToolError(f"{path}: not a readable safetensors or torch file "
+        raise CheckpointError(f"{path}: not a readable safetensors or torch file "
                                   f"({reason(e)})") from None
     if not isinstance(tensors, dict) or "word_embeddings" not in tensors:
-        raise CheckpointToolError(f"{path}: expected a tensor named 'word_embeddings' "
+        raise CheckpointError(f"{path}: expected a tensor named 'word_embeddings' "
                                   f"[{n_new_image}, {hidden}] (and optionally 'output_layer')")
     out = {}
     for name in ("word_embeddings", "output_layer"):
@@ -187,7 +185,7 @@ def load_init_file(path: Path, n_new_image: int, hidden: int, untied: bool
             continue
         t = tensors[name]
         if tuple(t.shape) != (n_new_image, hidden):
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{path}: '{name}' is {tuple(t.shape)}, the layout needs "
                 f"[{n_new_image}, {hidden}] (one row per new image code)")
         out[name] = t
@@ -245,7 +243,7 @@ def resize_vocab(source: str | Path, output: str | Path, image_size: int = 16384
                        seed)
     if init == "file":
         if init_file is None:
-            raise CheckpointToolError("--init file needs --init-file PATH")
+            raise CheckpointError("--init file needs --init-file PATH")
         row_init.file = Path(init_file)
         row_init.file_rows = load_init_file(Path(init_file), plan.new_image[1] - plan.new_image[0],
                                             hidden, "output_layer.weight" in vocab_keys)
@@ -291,22 +289,22 @@ def resize_vocab(source: str | Path, output: str | Path, image_size: int = 16384
 def _source_layout(reader: CheckpointReader) -> VocabLayout:
     meta = reader.meta
     if "vocab" not in meta or "padded_vocab_size" not in meta:
-        raise CheckpointToolError(f"{reader.folder}/meta.json has no vocabulary layout "
+        raise CheckpointError(f"{reader.folder}/meta.json has no vocabulary layout "
                                   f"('vocab', 'padded_vocab_size')")
     layout = VocabLayout.from_dict(meta["vocab"])
     padded = meta["padded_vocab_size"]
     keys = [k for k in VOCAB_KEYS if k in reader.tensor_keys()]
     if "embedding.word_embeddings.weight" not in keys:
-        raise CheckpointToolError(f"{reader.folder}: no embedding.word_embeddings.weight "
+        raise CheckpointError(f"{reader.folder}: no embedding.word_embeddings.weight "
                                   f"(a checkpoint of a later pipeline stage only?)")
     for key in keys:
         rows = reader.spec(key).shape[0]
         if rows != padded:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{reader.folder}: layout mismatch: meta.json says {padded} vocabulary rows, "
                 f"{key} has {rows}")
     if layout.size > padded:
-        raise CheckpointToolError(f"{reader.folder}: layout mismatch: the layout has "
+        raise CheckpointError(f"{reader.folder}: layout mismatch: the layout has "
                                   f"{layout.size} ids but the tables only {padded} rows")
     return layout
 
@@ -325,7 +323,7 @@ def _plan_entries(reader: CheckpointReader, vocab_keys: list[str], padded: int,
                 continue
             m = _OPTIM_STATE.match(key)
             if m is None or m.group(2) not in model_keys:
-                raise CheckpointToolError(
+                raise CheckpointError(
                     f"{reader.folder}: optimizer state {key!r} is not per-parameter state of "
                     f"the regular optimizer (a distributed optimizer's?); it cannot be grown: "
                     f"drop the optimizer state (the default)")
@@ -338,7 +336,7 @@ def _plan_entries(reader: CheckpointReader, vocab_keys: list[str], padded: int,
     for key in reader.object_keys():
         if key.startswith("optimizer"):
             if keep_optimizer:
-                raise CheckpointToolError(
+                raise CheckpointError(
                     f"{reader.folder}: optimizer object {key!r} (distributed optimizer state) "
                     f"cannot be grown: drop the optimizer state (the default)")
             continue

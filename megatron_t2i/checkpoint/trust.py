@@ -43,7 +43,8 @@ from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from megatron_t2i.checkpoint.io import CheckpointToolError, check_files
+from megatron_t2i.checkpoint.io import check_files
+from megatron_t2i.checkpoint.layout import CheckpointError
 
 # What a DCP `.metadata` is made of (torch 2.6-2.13 and megatron-core's torch_dist writer):
 # dataclasses rebuilt field by field, and enums looked up by value. No callable here can
@@ -86,7 +87,7 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-class UntrustedCheckpoint(CheckpointToolError):
+class UntrustedCheckpoint(CheckpointError):
     """A checkpoint file would import a class or call a function outside the allowlist: it
     may run code, so it is not loaded (the trainer re-raises it as its CheckpointError)."""
 
@@ -121,7 +122,7 @@ def read_dcp_metadata(path: Path) -> Metadata:
     except UntrustedCheckpoint:
         raise
     except Exception as e:  # truncated, or a pickle of the wrong thing
-        raise CheckpointToolError(f"{path}: not a readable DCP metadata file "
+        raise CheckpointError(f"{path}: not a readable DCP metadata file "
                                   f"({type(e).__name__}: {e})") from None
     if not isinstance(metadata, Metadata):
         raise UntrustedCheckpoint(f"{path}: holds a {type(metadata).__name__}, not DCP "
@@ -145,7 +146,7 @@ def load_object(source: Path | bytes, where: str | Path, deepspeed: bool = False
             f"{where}: refused: it would load {what}, which is not a tensor, plain data or an "
             f"allowlisted class (a crafted file can run code this way)") from None
     except Exception as e:
-        raise CheckpointToolError(f"{where}: cannot be read ({type(e).__name__}: "
+        raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
@@ -153,7 +154,7 @@ def check_before_load(folder: str | Path, verify: bool = True, dcp: bool = True)
     """The files whole, then every pickle in a checkpoint folder validated (see the module
     doc); call it before any library loads the folder. `verify=False` skips only the hashing;
     `dcp=False` for a DeepSpeed folder (no DCP metadata to size shards against when it has no
-    manifest). Raises UntrustedCheckpoint, or CheckpointToolError for a file that is damaged
+    manifest). Raises UntrustedCheckpoint, or CheckpointError for a file that is damaged
     or not readable at all."""
     folder = Path(folder)
     check_files(folder, verify, dcp)
@@ -193,7 +194,7 @@ def read_dcp_object_bytes(folder: Path, metadata: Metadata,
     try:
         reader.read_data(plan, into).wait()
     except (OSError, KeyError, ValueError) as e:
-        raise CheckpointToolError(f"{folder}: a sharded object cannot be read from the data "
+        raise CheckpointError(f"{folder}: a sharded object cannot be read from the data "
                                   f"files ({type(e).__name__}: {e})") from None
     return into.raw
 

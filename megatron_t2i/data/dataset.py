@@ -1,9 +1,8 @@
 """Fixed-length training samples from token files: one document per sample.
 
-A stored document is `[bos] caption [boi] image codes [eoi]` (image-only documents have an
-empty caption; text-only documents have no `<boi>`). A sample holds seq_length + 1 tokens,
-padded with the layout's pad id; `tokens` is the sample without its last token and `labels`
-without its first, so position t predicts labels[t].
+Documents and samples follow the one schema of data/documents.py (`[bos] caption [boi] image
+codes [eoi]`, image-only with an empty caption, text-only `[bos] text [eod]`; samples of
+seq_length + 1 tokens as tokens/labels/loss_mask/modality).
 
 Image documents are never packed together: a sample is one picture and its caption, which
 keeps the image at a known offset and makes per-modality losses exact. Text-only token files
@@ -21,22 +20,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from megatron_t2i.config import _split_weights
+from megatron_t2i.config import split_weights
+from megatron_t2i.data.documents import Sample, drop_caption, fit_document, make_sample
+from megatron_t2i.data.indexed import DataFileError
 from megatron_t2i.vocab import VocabLayout
 
 
 class T2IDataset(torch.utils.data.Dataset):
     """Item i is document `document_ids[i]` of an IndexedDataset, as one padded sample.
 
-    Returns (all of length seq_length):
-      tokens     int64    sample[:-1]
-      labels     int64    sample[1:]
-      loss_mask  float32  1 on real targets; 0 on padding targets, and 0 on caption targets
-                          (caption tokens and `<boi>`) when loss_on_captions=False
-      modality   int64    1 where the label is an image code or `<eoi>`, else 0.
-                          `<eoi>` counts as image because predicting where the image ends is
-                          part of image modelling; `<boi>` counts as text because it follows
-                          the caption. Padding targets are 0 (their loss_mask is 0 anyway).
+    Returns tokens, labels, loss_mask and modality of length seq_length (data/documents.py).
     """
 
     def __init__(self, indexed: torch.utils.data.Dataset, layout: VocabLayout,
@@ -57,9 +50,12 @@ class T2IDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.document_ids)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> Sample:
         epoch, i = divmod(int(i), len(self.document_ids))
         doc = np.asarray(self.indexed[int(self.document_ids[i])], dtype=np.int64)
+        if problem := document_problem(doc, self.layout):
+            raise DataFileError(f"{_name(self.indexed)}: document {self.document_ids[i]} "
+                                f"{problem}")
         if self.caption_dropout and self.dropped(epoch)[i]:
             doc = drop_caption(doc, self.layout)
         doc, boi = fit_document(doc, self.layout, self.seq_length + 1)
@@ -74,24 +70,6 @@ class T2IDataset(torch.utils.data.Dataset):
             self._dropped_epoch = (epoch, rng.random(len(self.document_ids))
                                    < self.caption_dropout)
         return self._dropped_epoch[1]
-
-
-def make_sample(doc: np.ndarray, boi: int | None, pad_id: int, seq_length: int,
-                loss_on_captions: bool = True) -> dict[str, torch.Tensor]:
-    """A fitted document, padded to seq_length + 1 tokens, as tokens/labels/masks."""
-    n = len(doc)
-    sample = np.full(seq_length + 1, pad_id, dtype=np.int64)
-    sample[:n] = doc
-    target = np.arange(1, seq_length + 1)  # sample index of each label
-    real = target < n
-    image = real & (target > boi) if boi is not None else np.zeros_like(real)
-    loss_mask = real if loss_on_captions or boi is None else image
-    return {
-        "tokens": torch.from_numpy(sample[:-1].copy()),
-        "labels": torch.from_numpy(sample[1:].copy()),
-        "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
-        "modality": torch.from_numpy(image.astype(np.int64)),
-    }
 
 
 class PackedTextDataset(torch.utils.data.Dataset):
@@ -114,14 +92,19 @@ class PackedTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> Sample:
         start = (int(i) % self.num_samples) * self.seq_length
-        sample = self._stream(start, self.seq_length + 1)
-        ones = np.ones(self.seq_length, dtype=np.float32)
-        return {"tokens": torch.from_numpy(sample[:-1].copy()),
-                "labels": torch.from_numpy(sample[1:].copy()),
-                "loss_mask": torch.from_numpy(ones),
-                "modality": torch.zeros(self.seq_length, dtype=torch.int64)}
+        window = self._stream(start, self.seq_length + 1)  # full: no padding, all text
+        if window.min() < 0 or window.max() >= self.layout.text_size:  # one min/max a sample
+            self._refuse(start, window)
+        return make_sample(window, None, self.layout.pad_id, self.seq_length)
+
+    def _refuse(self, start: int, sample: np.ndarray) -> None:
+        bad = int(np.flatnonzero((sample < 0) | (sample >= self.layout.text_size))[0])
+        d = int(np.searchsorted(self.starts, start + bad, side="right")) - 1
+        raise DataFileError(f"{_name(self.indexed)}: document {self.documents[d]} holds id "
+                            f"{sample[bad]}, outside the text range [0, "
+                            f"{self.layout.text_size}) of a text file")
 
     def _stream(self, start: int, length: int) -> np.ndarray:
         d = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -134,32 +117,29 @@ class PackedTextDataset(torch.utils.data.Dataset):
         return np.concatenate(pieces).astype(np.int64)
 
 
-def drop_caption(doc: np.ndarray, layout: VocabLayout) -> np.ndarray:
-    """`[bos] caption [boi] codes [eoi]` -> `[bos] [boi] codes [eoi]` (text-only unchanged)."""
+def document_problem(doc: np.ndarray, layout: VocabLayout) -> str | None:
+    """What is wrong with a stored document's ids for its modality, or None: the caption
+    (up to `<boi>`) holds text ids only, the image part image codes only, and the document
+    ends with `<eoi>`; a document without `<boi>` holds text ids only. A min and a max per
+    part: microseconds per sample, against a step's milliseconds (docs/data-hygiene.md)."""
     hits = np.flatnonzero(doc == layout.boi_id)
-    return np.concatenate([doc[:1], doc[hits[0]:]]) if len(hits) else doc
+    boi = int(hits[0]) if len(hits) else len(doc)
+    parts = [("text", doc[:boi], 0, layout.text_size)]
+    if len(hits):
+        if doc[-1] != layout.eoi_id:
+            return f"does not end with <eoi> ({layout.eoi_id}) but with {doc[-1]}"
+        parts.append(("image", doc[boi + 1:-1], layout.image_start, layout.specials_start))
+    for what, part, lo, hi in parts:
+        if part.size and (part.min() < lo or part.max() >= hi):
+            value = part[(part < lo) | (part >= hi)][0]
+            return (f"holds id {value} in its {what} part, outside the {what} range "
+                    f"[{lo}, {hi})")
+    return None
 
 
-def fit_document(doc: np.ndarray, layout: VocabLayout,
-                 length: int) -> tuple[np.ndarray, int | None]:
-    """Shorten a document to at most `length` tokens by cutting the end of its caption.
-
-    The image part (`<boi>` codes `<eoi>`) and the leading bos stay whole: a cut image would
-    teach the model pictures that stop mid-way. Returns the document and the index of `<boi>`
-    (None for a text-only document, which is simply cut at `length`).
-    """
-    hits = np.flatnonzero(doc == layout.boi_id)
-    if len(hits) == 0:
-        return doc[:length], None
-    boi = int(hits[0])
-    if len(doc) <= length:
-        return doc, boi
-    image_part = len(doc) - boi
-    keep = length - image_part - 1  # caption tokens that fit after bos
-    if keep < 0:
-        raise ValueError(f"a document's image part ({image_part} tokens with <boi>/<eoi>) "
-                         f"does not fit a sample of {length} tokens; raise model.seq_length")
-    return np.concatenate([doc[:1 + keep], doc[boi:]]), 1 + keep
+def _name(indexed) -> str:
+    """The token-file prefix of megatron-core's IndexedDataset, for messages."""
+    return str(getattr(indexed, "path_prefix", type(indexed).__name__))
 
 
 def split_documents(num_docs: int, split: str = "90,5,5",
@@ -169,16 +149,8 @@ def split_documents(num_docs: int, split: str = "90,5,5",
     Documents are shuffled with `seed` before cutting, so each split sees every kind of
     document; ids inside a split are sorted (the sampler does the per-epoch shuffling).
     """
-    weights = np.asarray(_split_weights(split))
+    weights = np.asarray(split_weights(split))
     bounds = np.rint(np.cumsum(weights) / weights.sum() * num_docs).astype(np.int64)
     order = np.random.default_rng(seed).permutation(num_docs)
     train, valid, test = np.split(order, bounds[:2])
     return np.sort(train), np.sort(valid), np.sort(test)
-
-
-def make_document(caption_ids: Sequence[int], codes: np.ndarray,
-                  layout: VocabLayout) -> np.ndarray:
-    """The stored form of one pair: `[bos] caption [boi] image codes [eoi]` (int64 ids)."""
-    image = layout.image_token(np.asarray(codes, dtype=np.int64).reshape(-1))
-    return np.concatenate([[layout.bos_id], np.asarray(caption_ids, dtype=np.int64),
-                           [layout.boi_id], image, [layout.eoi_id]]).astype(np.int64)

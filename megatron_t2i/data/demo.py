@@ -18,28 +18,23 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from megatron_t2i.config import ConfigError, DataConfig
+from megatron_t2i.config import DataConfig, check_demo_corpus
 from megatron_t2i.data import synthetic
-from megatron_t2i.data.dataset import make_document
+from megatron_t2i.data.documents import make_document
 from megatron_t2i.data.indexed import paths, write_indexed
+from megatron_t2i.files import publish_folder
 from megatron_t2i.tokenizers.kmeans import KMeansPatchVQ
-from megatron_t2i.tokenizers.text import SentencePieceTokenizer, TextTokenizer
+from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 from megatron_t2i.vocab import VocabLayout
 
-FORMAT = 1  # bump when the generation changes, so old caches are not reused
+FORMAT = 2  # bump when the generation changes, so old caches are not reused
 KMEANS_ITERS = 20
 _FILES = {"text": "text.model", "image": "image_vq.npz", "tokens": "tokens",
           "params": "params.json"}
-
-
-def build_layout(text_tokenizer: TextTokenizer, image_vocab_size: int) -> VocabLayout:
-    """The vocabulary layout of a text tokenizer plus an image codebook."""
-    return VocabLayout(text_size=text_tokenizer.vocab_size, image_size=image_vocab_size,
-                       bos_id=text_tokenizer.bos_id, eod_id=text_tokenizer.eos_id,
-                       text_pad_id=text_tokenizer.pad_id)
 
 
 def prepare_demo_corpus(data_cfg: DataConfig, seed: int
@@ -59,26 +54,13 @@ def prepare_demo_corpus(data_cfg: DataConfig, seed: int
         print(f"demo corpus: reusing {folder}", flush=True)
     text = SentencePieceTokenizer.load(folder / _FILES["text"])
     image = KMeansPatchVQ.load(folder / _FILES["image"])
-    return str(folder / _FILES["tokens"]), build_layout(text, params["image_vocab_size"]), \
-        text, image
+    return str(folder / _FILES["tokens"]), VocabLayout.from_tokenizers(text, image), text, image
 
 
 def generation_params(data_cfg: DataConfig, seed: int) -> dict[str, Any]:
     """Everything the generated files depend on, after checking it is consistent."""
+    check_demo_corpus(data_cfg)
     size, patch = data_cfg.synthetic_image_size, data_cfg.synthetic_patch_size
-    if data_cfg.synthetic_samples < 1:
-        raise ConfigError(f"data.synthetic_samples must be positive, got "
-                          f"{data_cfg.synthetic_samples}")
-    if patch < 1 or size % patch:
-        raise ConfigError(f"data.synthetic_image_size={size} is not a multiple of "
-                          f"data.synthetic_patch_size={patch}")
-    if (size // patch) ** 2 != data_cfg.image_tokens_per_sample:
-        raise ConfigError(f"data.image_tokens_per_sample={data_cfg.image_tokens_per_sample} "
-                          f"but {size}px images in {patch}x{patch} patches give "
-                          f"{(size // patch) ** 2} codes; set one to match the other")
-    if data_cfg.image_vocab_size < 1:
-        raise ConfigError(f"data.image_vocab_size must be positive, got "
-                          f"{data_cfg.image_vocab_size}")
     return {"format": FORMAT, "seed": seed, "samples": data_cfg.synthetic_samples,
             "image_size": size, "patch_size": patch,
             "image_vocab_size": data_cfg.image_vocab_size,
@@ -103,7 +85,7 @@ def _generate_into(folder: Path, params: dict[str, Any]) -> None:
         _generate(tmp, params)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
-            os.rename(tmp, folder)
+            publish_folder(tmp, folder, replace=False)
         except OSError:
             if not _complete(folder, params):  # not another process winning the race
                 raise
@@ -123,11 +105,12 @@ def _generate(out: Path, params: dict[str, Any]) -> None:
     image.save(out / _FILES["image"])
     codes = image.encode(corpus.images)
     stage(f"fitted a {image.codebook_size}-code k-means patch VQ and encoded the images")
-    layout = build_layout(text, params["image_vocab_size"])
+    layout = VocabLayout.from_tokenizers(text, image)
     captions = [text.encode(c) for c in corpus.captions]
     write_indexed(out / _FILES["tokens"],
                   (make_document(c, k, layout) for c, k in zip(captions, codes)), layout,
-                  meta=_meta(text, image, params, max(map(len, captions))))
+                  meta={**_meta(text, image, params, max(map(len, captions))),
+                        "caption_token_counts": _length_counts(captions)})
     stage(f"wrote {len(captions)} documents (captions of up to {max(map(len, captions))} "
           f"tokens)")
     (out / _FILES["params"]).write_text(json.dumps(params, indent=2) + "\n")
@@ -135,12 +118,19 @@ def _generate(out: Path, params: dict[str, Any]) -> None:
 
 def _meta(text: SentencePieceTokenizer, image: KMeansPatchVQ, params: dict[str, Any],
           max_caption_tokens: int) -> dict[str, Any]:
-    return {"text_tokenizer": {"kind": "sentencepiece", "file": _FILES["text"],
+    return {"mode": "conditional",
+            "text_tokenizer": {"kind": "sentencepiece", "file": _FILES["text"],
                                "identity": text.identity()},
             "image_tokenizer": {"kind": "kmeans_patch_vq", "file": _FILES["image"],
                                 "identity": image.identity(),
                                 "tokens_per_image": image.tokens_per_image},
             "generation": params, "max_caption_tokens": max_caption_tokens}
+
+
+def _length_counts(captions: list[list[int]]) -> dict[str, int]:
+    """{"<tokens>": captions of that length}: the trainer counts those over its budget."""
+    counts = Counter(map(len, captions))
+    return {str(n): counts[n] for n in sorted(counts)}
 
 
 class _Stages:

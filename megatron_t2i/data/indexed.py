@@ -2,11 +2,15 @@
 
     <prefix>.bin         int32 tokens, one document per sequence
     <prefix>.idx         megatron-core's index (lengths, byte offsets, document boundaries)
-    <prefix>.vocab.json  {"layout": VocabLayout.to_dict(), ...meta (tokenizer identities)}
+    <prefix>.vocab.json  {"layout": VocabLayout.to_dict(), "mode": ..., "id_range": [min, max],
+                          ...meta (tokenizer identities)}
 
 Reading goes through megatron-core's own `IndexedDataset`; `open_indexed` first checks what it
 would otherwise trip over with an assertion or a crash deep in numpy: missing files, a layout
-that differs from the training config, a .bin that does not match its .idx.
+that differs from the training config, a .bin that does not match its .idx, a sidecar without
+a `mode` (text files would be read as caption-image samples) or whose recorded id range does
+not fit the layout (ids past the embedding crash the first forward pass; ids in the padding
+rows train silently).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from megatron.core.datasets.indexed_dataset import (
 from megatron_t2i.vocab import VocabLayout
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header
+MODES = ("conditional", "unconditional", "text")  # what preprocessing writes (see preprocess.py)
+
+
 class DataFileError(ValueError):
     """A token file (.bin / .idx / sidecar) that is corrupt or inconsistent; names the file."""
 
@@ -46,6 +53,7 @@ def write_indexed(prefix: str | Path, sequences: Iterable[Sequence[int] | np.nda
     p["bin"].parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(str(p["bin"]), dtype=np.int32)
     documents = tokens = 0
+    lo, hi, images = layout.size, -1, False
     for seq in sequences:
         arr = np.asarray(seq, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= layout.size):
@@ -53,14 +61,21 @@ def write_indexed(prefix: str | Path, sequences: Iterable[Sequence[int] | np.nda
                              f"layout's [0, {layout.size})")
         builder.add_document(arr.astype(np.int32), [arr.size])
         documents, tokens = documents + 1, tokens + arr.size
+        if arr.size:
+            lo, hi = min(lo, int(arr.min())), max(hi, int(arr.max()))
+            images = images or bool((arr == layout.boi_id).any())
     builder.finalize(str(p["idx"]))
-    write_sidecar(prefix, layout, meta, documents, tokens)
+    # without a stated mode, documents holding no <boi> are text (packed GPT-style)
+    meta = {"mode": "conditional" if images else "text", **(meta or {})}
+    write_sidecar(prefix, layout, meta, documents, tokens, (lo, hi) if hi >= 0 else None)
 
 
 def merge_indexed(prefix: str | Path, shard_prefixes: Sequence[str | Path],
-                  layout: VocabLayout, meta: dict[str, Any] | None = None) -> tuple[int, int]:
+                  layout: VocabLayout, meta: dict[str, Any] | None = None,
+                  id_range: tuple[int, int] | None = None) -> tuple[int, int]:
     """Concatenate shard files (written in parallel) into one, in the order given, through
-    megatron-core's `IndexedDatasetBuilder.add_index`; returns (documents, tokens)."""
+    megatron-core's `IndexedDatasetBuilder.add_index`; returns (documents, tokens).
+    `id_range`: the smallest and largest token id of all shards, for the sidecar."""
     p = paths(prefix)
     p["bin"].parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(str(p["bin"]), dtype=np.int32)
@@ -75,15 +90,19 @@ def merge_indexed(prefix: str | Path, shard_prefixes: Sequence[str | Path],
     builder.finalize(str(p["idx"]))
     documents = len(builder.document_indices) - 1
     tokens = int(np.sum(builder.sequence_lengths, dtype=np.int64))
-    write_sidecar(prefix, layout, meta, documents, tokens)
+    write_sidecar(prefix, layout, meta, documents, tokens, id_range)
     return documents, tokens
 
 
 def write_sidecar(prefix: str | Path, layout: VocabLayout, meta: dict[str, Any] | None,
-                  documents: int, tokens: int) -> None:
-    """Written last: a sidecar next to a .bin/.idx means the pair is complete."""
+                  documents: int, tokens: int, id_range: tuple[int, int] | None = None) -> None:
+    """Written last: a sidecar next to a .bin/.idx means the pair is complete. `meta` must
+    say the `mode`; `id_range` is the (min, max) token id (None: no tokens)."""
+    if (meta or {}).get("mode") not in MODES:
+        raise ValueError(f"{prefix}: a token file's sidecar needs a mode, one of {MODES}")
     sidecar = {"layout": layout.to_dict(), **(meta or {}),
-               "num_documents": documents, "num_tokens": tokens}
+               "num_documents": documents, "num_tokens": tokens,
+               "id_range": list(id_range) if id_range is not None else None}
     paths(prefix)["vocab.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
@@ -110,9 +129,44 @@ def open_indexed(prefix: str | Path, expected_layout: VocabLayout,
         raise DataFileError(f"{p['vocab.json']}: no 'layout' entry")
     expected_layout.check_matches(VocabLayout.from_dict(sidecar["layout"]),
                                   mine=mine, theirs=str(p["vocab.json"]))
+    check_mode_and_range(p["vocab.json"], sidecar, expected_layout)
     _check_bin_size(p["idx"], p["bin"])
     _check_index_arrays(p["idx"], p["bin"])
     return IndexedDataset(str(prefix), mmap=True)
+
+
+def check_token_arrays(prefix: str | Path) -> None:
+    """The .idx is well formed and the .bin holds exactly the tokens it describes."""
+    p = paths(prefix)
+    _check_bin_size(p["idx"], p["bin"])
+    _check_index_arrays(p["idx"], p["bin"])
+
+
+def allowed_ids(mode: str, layout: VocabLayout) -> tuple[int, int]:
+    """[lo, hi) of the ids a file of this mode may hold: text ids only in text files; text,
+    image codes and the added specials (never the padding rows) in image files."""
+    return (0, layout.text_size) if mode == "text" else (0, layout.size)
+
+
+def check_mode_and_range(path: Path, sidecar: dict[str, Any], layout: VocabLayout) -> None:
+    """The sidecar says how to read the file (`mode`) and which ids it holds (`id_range`),
+    and those ids fit the layout. Refuses hand-written sidecars that leave either out."""
+    mode = sidecar.get("mode")
+    if mode not in MODES:
+        raise DataFileError(f"{path}: 'mode' is {mode!r}, expected one of {list(MODES)}; "
+                            f"a sidecar must say whether the file holds text or images "
+                            f"(tools/import_token_files.py writes one for text files)")
+    if "id_range" not in sidecar:
+        raise DataFileError(f"{path}: no 'id_range' (the smallest and largest token id); "
+                            f"regenerate the files, or for a text file run "
+                            f"tools/import_token_files.py")
+    if sidecar["id_range"] is None:  # a file without tokens
+        return
+    lo, hi = sidecar["id_range"]
+    allowed = allowed_ids(mode, layout)
+    if lo < allowed[0] or hi >= allowed[1]:
+        raise DataFileError(f"{path}: token ids {lo}..{hi} do not fit {mode} files of this "
+                            f"layout, which hold ids in [{allowed[0]}, {allowed[1]})")
 
 
 def _check_bin_size(idx: Path, bin_: Path) -> None:

@@ -28,7 +28,7 @@ from megatron_t2i.data.demo import prepare_demo_corpus
 from megatron_t2i.data.indexed import DataFileError, open_indexed, paths, read_sidecar
 from megatron_t2i.data.sampler import DataParallelSampler
 from megatron_t2i.platform import Platform
-from megatron_t2i.training.metrics import Stopwatch, TimedIterator
+from megatron_t2i.timers import Stopwatch, TimedIterator
 from megatron_t2i.vocab import VocabLayout, VocabMismatchError
 
 
@@ -83,6 +83,8 @@ def build_data_pipeline(cfg: Config, platform: Platform) -> DataPipeline:
         prepare_demo_corpus(cfg.data, cfg.train.seed)  # rank 0 generates, the others reuse
     dist.barrier()
     sources, layout = resolve_sources(cfg)
+    if dist.get_rank() == 0 and (line := long_captions_line(cfg, sources)):
+        print(line, flush=True)
     dp = parallel_state.get_data_parallel_world_size()
     train, valid = build_datasets(cfg, sources, layout, min_samples=cfg.train.micro_batch_size * dp)
     return DataPipeline(
@@ -141,6 +143,28 @@ def resolve_sources(cfg: Config) -> tuple[list[Source], VocabLayout]:
                 f"data.image_tokens_per_sample={cfg.data.image_tokens_per_sample} but the "
                 f"images of {src.prefix} have {have} codes (see {src.prefix}.vocab.json)")
     return sources, layout
+
+
+def long_captions_line(cfg: Config, sources: list[Source]) -> str | None:
+    """One line on the captions longer than this sequence length leaves room for (their
+    ends are cut, see dataset.fit_document), from the sidecars' caption_token_counts."""
+    budget = cfg.model.seq_length - cfg.data.image_tokens_per_sample - 2  # bos, boi, eoi
+    over = total = longest = 0
+    where = ""
+    for src in sources:
+        counts = {int(k): v for k, v in (src.sidecar.get("caption_token_counts") or {}).items()}
+        over += sum(v for k, v in counts.items() if k > budget)
+        total += sum(counts.values())
+        if max(counts, default=0) > longest:
+            longest, where = max(counts), src.prefix
+    if not total:
+        return None
+    if not over:
+        return f"data: all {total:,} captions fit the {budget}-token caption budget"
+    return (f"data: {over:,} of {total:,} captions ({over / total:.1%}) are longer than the "
+            f"{budget}-token caption budget (model.seq_length {cfg.model.seq_length} - "
+            f"{cfg.data.image_tokens_per_sample} image codes - 2) and lose their ends; the "
+            f"longest has {longest} tokens ({where})")
 
 
 def _read_checked_sidecar(prefix: str) -> dict[str, Any]:

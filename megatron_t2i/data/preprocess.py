@@ -27,6 +27,7 @@ import shutil
 import sys
 import tarfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,8 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from megatron_t2i.data.dataset import make_document
-from megatron_t2i.data.demo import build_layout
+from megatron_t2i.data.documents import make_document, make_text_document
 from megatron_t2i.data.indexed import merge_indexed, paths
 from megatron_t2i.tokenizers import factory
 from megatron_t2i.tokenizers.image import ImageTokenizer
@@ -93,6 +93,8 @@ class TaskResult:
     documents: int = 0
     caption_tokens: int = 0
     max_caption_tokens: int = 0
+    caption_lengths: Counter = dataclasses.field(default_factory=Counter)  # tokens -> captions
+    id_range: tuple[int, int] | None = None  # smallest and largest token id written
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # src, why, msg
 
 
@@ -133,8 +135,10 @@ def preprocess(settings: Settings) -> Summary:
             raise ValueError(f"{settings.output_prefix}: no document written from "
                              f"{meta['records']} records; skipped: {meta['skipped']}")
         _write_skip_list(settings.output_prefix, results)
+        ranges = [r.id_range for r in results if r.id_range is not None]
         documents, tokens = merge_indexed(settings.output_prefix, [r.shard for r in results],
-                                          layout, meta)
+                                          layout, meta, (min(lo for lo, _ in ranges),
+                                                         max(hi for _, hi in ranges)))
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)
     sidecar = json.loads(paths(settings.output_prefix)["vocab.json"].read_text())
@@ -160,11 +164,12 @@ def load_tokenizers(settings: Settings) -> tuple[TextTokenizer, ImageTokenizer |
 
 def _layout(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None
             ) -> VocabLayout:
-    size = image.codebook_size if image is not None else settings.image_vocab_size
-    if size is None:
+    if image is None and settings.image_vocab_size is None:
         raise ValueError("text mode without an image tokenizer needs image_vocab_size, so the "
                          "layout matches the image-caption files it is blended with")
-    return build_layout(text, size)
+    if image is not None:
+        return VocabLayout.from_tokenizers(text, image)
+    return VocabLayout.from_tokenizers(text, image_size=settings.image_vocab_size)
 
 
 # ---- inputs and tasks --------------------------------------------------------------------
@@ -269,22 +274,66 @@ def _read_jsonl(task: Task, settings: Settings) -> Iterator[Record]:
 
 def _read_tar(task: Task, settings: Settings) -> Iterator[Record]:
     """webdataset layout: consecutive members sharing a key (the name up to the first dot
-    of its last path part) form one record."""
+    of its last path part) form one record. A truncated or corrupt tar keeps the records read
+    before the damage; the rest of it (the record being read included) becomes one skipped
+    record that names the file and the last good key."""
     key, group = None, {}
-    with tarfile.open(task.path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
+    try:
+        for name, data in _tar_members(task.path):
+            folder, _, base = name.rpartition("/")
             stem, _, ext = base.partition(".")
             name = f"{folder}/{stem}" if folder else stem
             if name != key and key is not None:
                 yield _tar_record(task.path, key, group, settings)
                 group = {}
             key = name
-            group[ext.lower()] = tar.extractfile(member).read()
+            group[ext.lower()] = data
+    except TarDamaged as e:
+        # the record being read may lack members: it goes with the rest
+        where = f"from record {key!r} on" if key is not None else "from its start"
+        yield Record(task.path, problem=f"damaged tar: {task.path} unreadable {where}, the rest of it "
+                             f"skipped ({e})")
+        return
     if key is not None:
         yield _tar_record(task.path, key, group, settings)
+
+
+class TarDamaged(Exception):
+    """A tar that cannot be read to its end (truncated, corrupt header or compression)."""
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def _tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file, streamed; raises TarDamaged where reading stops
+    early. tarfile itself ends silently at a corrupt header past the first member, so for an
+    uncompressed tar the bytes after the last member must be the zero padding of a real end."""
+    with open(path, "rb") as f:
+        compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
+        f.seek(0)
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if member.isfile():
+                        yield member.name, tar.extractfile(member).read()
+                end = tar.offset
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise TarDamaged(f"{type(e).__name__}: {e}") from None
+        if not compressed:
+            _check_tar_end(f, end)
+
+
+def _check_tar_end(f: Any, end: int) -> None:
+    """After the last member an intact tar holds only zero blocks (the end-of-archive marker)."""
+    f.seek(end)
+    chunk = f.read(1 << 20)
+    if not chunk:
+        raise TarDamaged(f"cut at byte {end}: no end-of-archive marker")
+    while chunk:
+        if chunk.strip(b"\0"):
+            raise TarDamaged(f"corrupt member header at byte {end}")
+        chunk = f.read(1 << 20)
 
 
 def _tar_record(path: str, key: str, group: dict[str, bytes], settings: Settings) -> Record:
@@ -314,34 +363,78 @@ def _read_parquet(task: Task, settings: Settings) -> Iterator[Record]:
     if missing:
         raise ValueError(f"{task.path}: no column {missing}; it has {pf.schema_arrow.names} "
                          f"(choose with image_key / caption_key / text_key)")
-    root, row = Path(task.path).parent, 0
-    for batch in pf.iter_batches(batch_size=256, row_groups=range(task.start, task.stop),
-                                 columns=columns):
-        data = batch.to_pydict()
-        for i in range(batch.num_rows):
-            image = data[settings.image_key][i] if settings.image_key in data else None
-            if isinstance(image, dict):  # Hugging Face datasets' Image feature
-                image = image.get("bytes") or image.get("path")
-            if isinstance(image, str):
-                image = root / image
-            text = data[field][i] if field in data else None
-            yield Record(f"{task.path}:group {task.start} row {row}", image, text)
-            row += 1
+    root, meta = Path(task.path).parent, pf.metadata
+    first_row = sum(meta.row_group(g).num_rows for g in range(task.start))
+    for group in range(task.start, task.stop):  # one group at a time: labels name the group
+        row = 0
+        for batch in pf.iter_batches(batch_size=256, row_groups=[group], columns=columns):
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                source = f"{task.path}:row {first_row + row} (group {group} row {row})"
+                image = data[settings.image_key][i] if settings.image_key in data else None
+                if isinstance(image, dict):  # Hugging Face datasets' Image feature
+                    image = image.get("bytes") or image.get("path")
+                if isinstance(image, str):
+                    image = root / image
+                text = data[field][i] if field in data else None
+                row += 1
+                if isinstance(text, bytes):  # a binary-typed column: UTF-8 by convention
+                    try:
+                        text = text.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        yield Record(source, problem=f"caption not UTF-8: {e}")
+                        continue
+                yield Record(source, image, text)
+        first_row += meta.row_group(group).num_rows
 
 
 # ---- images ------------------------------------------------------------------------------
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
 def load_image(source: bytes | Path, size: int) -> np.ndarray:
-    """Decode, convert to RGB, resize the shorter side to `size` and centre-crop: uint8
-    (size, size, 3). Raises SkipRecord for what cannot be read."""
+    """Decode, convert to RGB (see `to_rgb`), resize the shorter side to `size` and
+    centre-crop: uint8 (size, size, 3). Raises SkipRecord for what cannot be read."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger
-            return resize_center_crop(im.convert("RGB"), size)
+            return resize_center_crop(to_rgb(im), size)
     except FileNotFoundError:
         raise SkipRecord("missing image", str(source)) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise SkipRecord("unreadable image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """8-bit RGB whatever the stored mode. Pillow's own convert("RGB") clips 16/32-bit
+    grayscale to white and drops alpha; here high bit depths are scaled, any transparency
+    (an alpha band, or a palette/grayscale transparent colour) is composited on
+    `background`, and CMYK goes through its embedded ICC profile when it has one."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # PNG/TIFF 16-bit grayscale (Pillow may hold it as 32-bit "I"): 0..65535 -> 0..255
+        grey = np.asarray(im).astype(np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    profile = im.info.get("icc_profile")
+    if profile:
+        from PIL import ImageCms
+
+        try:
+            return ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                                             ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken profile: the plain conversion below is still a fair picture
+    return im.convert("RGB")
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -375,10 +468,15 @@ def process_task(task: Task, shard_dir: str) -> TaskResult:
     builder = IndexedDatasetBuilder(f"{result.shard}.bin", dtype=np.int32)
     pending: list[tuple[Record, list[int], np.ndarray]] = []
 
+    def add(doc: np.ndarray) -> None:
+        builder.add_document(doc, [len(doc)])
+        result.documents += 1
+        lo, hi = result.id_range or (int(doc.min()), int(doc.max()))
+        result.id_range = (min(lo, int(doc.min())), max(hi, int(doc.max())))
+
     def flush() -> None:
         for doc in _encode_images(pending, result):
-            builder.add_document(doc, [len(doc)])
-            result.documents += 1
+            add(doc)
         pending.clear()
 
     for record in read_records(task, s):
@@ -395,10 +493,10 @@ def process_task(task: Task, shard_dir: str) -> TaskResult:
             continue
         result.caption_tokens += len(caption_ids)
         result.max_caption_tokens = max(result.max_caption_tokens, len(caption_ids))
+        if pixels is not None and s.mode == "conditional":
+            result.caption_lengths[len(caption_ids)] += 1
         if pixels is None:
-            doc = _text_document(caption_ids)
-            builder.add_document(doc, [len(doc)])
-            result.documents += 1
+            add(make_text_document(caption_ids, _worker["layout"]).astype(np.int32))
         else:
             pending.append((record, caption_ids, pixels))
             if len(pending) >= s.batch_size:
@@ -451,11 +549,6 @@ def _encode_images(pending: list[tuple[Record, list[int], np.ndarray]],
     for (_, caption_ids, _), grid in zip(pending, codes):
         if grid is not None:
             yield make_document(caption_ids, grid, _worker["layout"]).astype(np.int32)
-
-
-def _text_document(ids: list[int]) -> np.ndarray:
-    layout: VocabLayout = _worker["layout"]
-    return np.asarray([layout.bos_id, *ids, layout.eod_id], dtype=np.int32)
 
 
 def _count(n: int) -> None:
@@ -523,7 +616,16 @@ def _meta(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None,
                              for s, w, d in skipped[:MAX_LISTED_SKIPS]],
         "max_caption_tokens": max((r.max_caption_tokens for r in results), default=0),
         "mean_caption_tokens": sum(r.caption_tokens for r in results) / max(documents, 1),
+        "caption_token_counts": caption_token_counts(results),
     }
+
+
+def caption_token_counts(results: list[TaskResult]) -> dict[str, int]:
+    """How many captions have each length in tokens ({"12": 40, ...}): with it the trainer
+    counts the captions longer than any sequence length's budget (see `captions_over`)."""
+    total = sum((r.caption_lengths for r in results), Counter())
+    return {str(n): total[n] for n in sorted(total)}
+
 
 
 def _resolved_text_kind(settings: Settings) -> tuple[str, str]:
@@ -558,34 +660,57 @@ def format_summary(summary: Summary) -> str:
 
 # ---- tokenizer fitting from the same inputs ----------------------------------------------
 
-def iter_texts(inputs: Iterable[str], field: str = "caption", limit: int | None = None
-               ) -> Iterator[str]:
-    """Non-empty captions (or texts) of the inputs, for training a text tokenizer."""
+def iter_texts(inputs: Iterable[str], field: str = "caption", limit: int | None = None,
+               skipped: list[tuple[str, str, str]] | None = None) -> Iterator[str]:
+    """Non-empty captions (or texts) of the inputs, for training a text tokenizer. Records a
+    reader could not parse (a damaged tar's rest, bad JSON) go to `skipped` as
+    (source, reason, detail) when a list is given."""
     settings = Settings(tuple(inputs), "", mode="text", text_key=field, image_key="")
     seen = 0
     for task in plan_tasks(expand_inputs(inputs), 1):
         for record in read_records(task, settings):
-            if isinstance(record.caption, str) and record.caption.strip():
+            if record.problem:
+                _note_skip(skipped, record.source, record.problem)
+            elif isinstance(record.caption, str) and record.caption.strip():
                 yield record.caption.strip()
                 seen += 1
                 if limit is not None and seen >= limit:
                     return
 
 
-def collect_images(inputs: Iterable[str], image_size: int, limit: int, image_key: str = "image"
-                   ) -> np.ndarray:
-    """Up to `limit` readable images, resized and centre-cropped: uint8 (N, S, S, 3)."""
+def collect_images(inputs: Iterable[str], image_size: int, limit: int, image_key: str = "image",
+                   skipped: list[tuple[str, str, str]] | None = None) -> np.ndarray:
+    """Up to `limit` readable images, resized and centre-cropped: uint8 (N, S, S, 3). Records
+    that are damaged or hold no readable image go to `skipped` when a list is given."""
     settings = Settings(tuple(inputs), "", mode="unconditional", image_key=image_key)
     images = []
     for task in plan_tasks(expand_inputs(inputs), 1):
         for record in read_records(task, settings):
             if len(images) >= limit:
                 return np.stack(images)
-            if record.image is not None and not record.problem:
-                try:
-                    images.append(load_image(record.image, image_size))
-                except SkipRecord:
-                    continue
+            if record.problem or record.image is None:
+                _note_skip(skipped, record.source, record.problem or
+                           f"missing image: no {image_key!r} field")
+                continue
+            try:
+                images.append(load_image(record.image, image_size))
+            except SkipRecord as e:
+                _note_skip(skipped, record.source, f"{e.reason}: {e.detail}")
     if not images:
         raise ValueError(f"no readable image in {list(inputs)}")
     return np.stack(images)
+
+
+def _note_skip(skipped: list[tuple[str, str, str]] | None, source: str, problem: str) -> None:
+    if skipped is not None:
+        reason, _, detail = problem.partition(": ")
+        skipped.append((source, reason, detail))
+
+
+def format_skips(skipped: list[tuple[str, str, str]], shown: int = 10) -> str:
+    """`skipped N records: 2 damaged tar, ...` and the first few, one per line."""
+    counts = Counter(why for _, why, _ in skipped)
+    lines = [f"skipped {len(skipped):,} records: " + ", ".join(
+        f"{n:,} {why}" for why, n in counts.most_common())]
+    lines += [f"  {src}: {why} {detail}".rstrip() for src, why, detail in skipped[:shown]]
+    return "\n".join(lines)

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megatron_t2i.checkpoint.layout import CheckpointError
 from megatron_t2i.eval import loading
-from megatron_t2i.training.checkpointing import CheckpointError
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointError)
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_t2i.checkpoint.layout import read_meta, resolve_folder
+from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.config import (
     Config,
     ConfigError,
@@ -63,9 +65,9 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     """Start the process groups (if not yet), build this rank's model chunks and load the
     checkpoint's model weights into them, resharded. Returns (config, chunks in eval mode,
     vocabulary layout, padded vocabulary size)."""
-    folder = checkpointing.resolve_checkpoint_folder(Path(checkpoint_path))
-    checkpointing.check_loadable(folder)  # before any process group or model exists
-    meta = checkpointing.read_meta(folder)
+    folder = resolve_folder(Path(checkpoint_path))
+    check_before_load(folder)  # before any process group or model exists
+    meta = read_meta(folder)
     checkpointing.check_engine(folder, meta, "megatron")
     cfg = eval_config(meta, tp, pp, device)
     layout = VocabLayout.from_dict(meta["vocab"])

@@ -21,6 +21,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_t2i.config import Config
+from megatron_t2i.data.documents import make_sample, make_text_document
 from megatron_t2i.data.loader import build_data_pipeline, collate
 from megatron_t2i.tokenizers.text import TextTokenizer
 from megatron_t2i.training.forward import LossForBatch, forward_backward
@@ -109,28 +110,17 @@ def text_file_samples(path: str | Path, tokenizer: TextTokenizer, layout: VocabL
     lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     stream: list[int] = []
     for line in filter(None, lines):
-        stream += [layout.bos_id, *tokenizer.encode(line), layout.eod_id]
+        stream += make_text_document(tokenizer.encode(line), layout).tolist()
     if not stream:
         raise ValueError(f"{path}: no text (every line is empty)")
     window = seq_length + 1
     samples = []
     for start in range(0, len(stream) - 1, seq_length):
         piece = np.asarray(stream[start:start + window], dtype=np.int64)
-        samples.append(_lm_sample(piece, window, layout.pad_id))
+        samples.append(make_sample(piece, None, layout.pad_id, seq_length))
         if max_samples is not None and len(samples) >= max_samples:
             break
     return samples
-
-
-def _lm_sample(piece: np.ndarray, window: int, pad_id: int) -> Sample:
-    n = len(piece)
-    full = np.full(window, pad_id, dtype=np.int64)
-    full[:n] = piece
-    mask = (np.arange(1, window) < n).astype(np.float32)
-    return {"tokens": torch.from_numpy(full[:-1].copy()),
-            "labels": torch.from_numpy(full[1:].copy()),
-            "loss_mask": torch.from_numpy(mask),
-            "modality": torch.zeros(window - 1, dtype=torch.int64)}
 
 
 # ---- the tool -------------------------------------------------------------------------------

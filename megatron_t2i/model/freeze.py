@@ -5,7 +5,7 @@
                                        config_overrides=plan.optimizer_overrides(ocfg))
     ...backward...; plan.zero_frozen_row_grads(); optimizer.step()
 
-`model.freeze` names parameter groups (FREEZE_GROUPS):
+`model.freeze` names parameter groups (`config.FREEZE_GROUPS`, checked by config validation):
 
     embeddings    word (and learned position) embeddings
     output_layer  the output projection (with tied embeddings: the same tensor as the word
@@ -35,7 +35,6 @@ contiguous slice of the vocabulary, so each rank zeroes the text rows inside its
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -45,8 +44,6 @@ from megatron.core import parallel_state
 from megatron_t2i.config import ConfigError
 from megatron_t2i.vocab import VocabLayout
 
-FREEZE_GROUPS = ("embeddings", "output_layer", "attention", "mlp", "norms", "transformer",
-                 "text_rows")
 _PARAMETER_GROUPS = ("embeddings", "output_layer", "attention", "mlp", "norms")
 _WORD_EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT_LAYER = "output_layer.weight"
@@ -54,29 +51,6 @@ _OUTPUT_LAYER = "output_layer.weight"
 
 class FreezeError(ConfigError):
     """A freeze request that cannot be honoured; the message names the key and the group."""
-
-
-def check_freeze_names(names: Sequence[str], tied_embeddings: bool) -> None:
-    """Refuse unknown names (with the closest valid one) and combinations that cannot mean
-    what they say. Called by config validation, before any process starts."""
-    for name in names:
-        if name not in FREEZE_GROUPS:
-            close = difflib.get_close_matches(name, FREEZE_GROUPS, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise FreezeError(f"model.freeze: unknown group {name!r}{hint}; valid groups: "
-                              f"{list(FREEZE_GROUPS)}")
-    if len(set(names)) != len(names):
-        raise FreezeError(f"model.freeze: {list(names)} names a group twice")
-    if tied_embeddings and ("embeddings" in names) != ("output_layer" in names):
-        raise FreezeError("model.freeze: with tied embeddings "
-                          "(model.untie_embeddings_and_output_weights=false) the output layer "
-                          "is the word-embedding table: freeze 'embeddings' and "
-                          "'output_layer' together or neither")
-    whole = {"embeddings", "output_layer", "transformer"}
-    if whole <= set(names) or {"embeddings", "output_layer", "attention", "mlp",
-                               "norms"} <= set(names):
-        raise FreezeError(f"model.freeze: {list(names)} freezes every parameter; "
-                          f"nothing would train")
 
 
 def parameter_group(name: str) -> str:

@@ -26,7 +26,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_t2i.config import Config, uses_transformer_engine
 from megatron_t2i.model.attention import SDPACoreAttention
-from megatron_t2i.training.flops import resolved_ffn_hidden_size
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -50,7 +49,7 @@ def transformer_config(cfg: Config, on_cuda: bool) -> TransformerConfig:
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
-        ffn_hidden_size=resolved_ffn_hidden_size(m),
+        ffn_hidden_size=m.resolved_ffn_hidden_size,
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=swiglu,

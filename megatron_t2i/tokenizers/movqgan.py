@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from megatron_t2i.platform import resolve_device
 from megatron_t2i.tokenizers.image import ImageTokenizer
 from megatron_t2i.tokenizers.movqgan_keys import published_layout, to_diffusers, to_official
 
@@ -214,7 +215,7 @@ class MoVQGAN(ImageTokenizer):
                  device: str | torch.device | None = None, batch_size: int = 16,
                  name: str = "") -> None:
         """model: `build_vqmodel(config)` with its weights."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or resolve_device("auto"))
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.config = config
         self.batch_size = batch_size

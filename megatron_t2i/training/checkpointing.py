@@ -1,16 +1,6 @@
-"""Distributed checkpoints (megatron-core dist_checkpointing, torch_dist format).
-
-Layout of `<checkpoint dir>`:
-
-    iter_0000100/          one dist_checkpointing folder per save
-        meta.json          iteration, consumed samples, config, vocabulary layout, padded
-                           vocab size and the parallel layout it was saved with (plain JSON)
-        ...                dist_checkpointing's own files (model, optimizer, scheduler, RNG)
-    latest                 the iteration of the newest *complete* save
-
-A save writes into `iter_N.tmp/`, waits for every rank, renames the folder and only then
-rewrites `latest` (through a temporary file and an atomic rename). A job killed at any point
-of a save leaves `latest` on the previous complete checkpoint.
+"""The megatron-core engine's checkpoint state (dist_checkpointing, torch_dist format): model,
+optimizer, scheduler, RNG and the train state, written into a folder that
+checkpoint/layout.py begins and publishes (folders, `latest`, meta.json live there).
 
 Loading works under other TP / PP / DP sizes: dist_checkpointing reshards the model tensors.
 The optimizer state is reloaded when the parallel layout is unchanged; after a change of
@@ -21,12 +11,7 @@ are per (PP, TP) rank and are reloaded only on the same layout.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,86 +19,19 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_t2i.checkpoint.integrity import write_manifest
-from megatron_t2i.checkpoint.io import CheckpointToolError
+from megatron_t2i.checkpoint.layout import (
+    CheckpointError,
+    TrainState,
+    parallel_layout,
+    publish_checkpoint,
+    read_meta,
+)
 from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.training.writer_guard import writers_die_with_rank
 from megatron_t2i.vocab import VocabLayout
 
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
-
-
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return root / f"iter_{iteration:07d}"
-
-
-def read_latest(root: Path) -> int | None:
-    """The iteration of the newest complete checkpoint under root, or None."""
-    marker = root / "latest"
-    if not marker.exists():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
-    iteration = int(text)
-    folder = iteration_dir(root, iteration)
-    if not (folder / "meta.json").exists():
-        raise CheckpointError(f"{marker} names iteration {iteration} but {folder}/meta.json "
-                              f"is missing: the checkpoint folder is incomplete or was removed")
-    return iteration
-
-
-def resolve_checkpoint_folder(path: Path) -> Path:
-    """An iter_N folder as given, or the newest complete one under a checkpoint root."""
-    if (path / "meta.json").exists():
-        return path
-    iteration = read_latest(path)
-    if iteration is None:
-        raise CheckpointError(f"{path} is neither a checkpoint folder (no meta.json) nor a "
-                              f"checkpoint root (no 'latest' marker)")
-    return iteration_dir(path, iteration)
-
-
-def check_loadable(folder: Path, verify: bool = True, dcp: bool = True) -> None:
-    """The pre-load gate (checkpoint/trust.py) with the trainer's error type: the files whole
-    (manifest sizes and checksums; `verify=False` skips only the hashing), then every pickle
-    validated before megatron-core, DCP or DeepSpeed open them: their own loaders would run
-    any code a crafted file holds."""
-    try:
-        check_before_load(folder, verify, dcp)
-    except CheckpointToolError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    path = folder / "meta.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder} is not a megatron_t2i checkpoint: no meta.json")
-    return json.loads(path.read_text())
-
-
-def parallel_layout() -> dict[str, int]:
-    return {
-        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "virtual_pipeline_model_parallel_size":
-            parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
-        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-    }
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint carries besides tensors."""
-
-    iteration: int
-    consumed_samples: int
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
@@ -172,96 +90,6 @@ def write_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module]
     return {"has_optimizer": save_optimizer}
 
 
-def publish_checkpoint(root: Path, state: TrainState, meta: dict[str, Any],
-                       write: Callable[[Path], dict[str, Any]]) -> Path:
-    """Collective: `write` puts this rank's part of the save into `iter_N.tmp/` and returns
-    what meta.json adds about it; then the save is published (meta.json, rename, `latest`).
-    A full disk becomes a one-line CheckpointError; `latest` stays on the last complete save."""
-    tmp = begin_save(root, state.iteration)
-    try:
-        written = write(tmp)
-    except (Exception, CheckpointException) as e:  # the latter is a BaseException
-        full = disk_full_error(e, tmp, root)
-        if full is None:
-            raise
-        raise full from None
-    return publish_save(root, state, dict(meta, **written))
-
-
-def begin_save(root: Path, iteration: int) -> Path:
-    """Collective: an empty `iter_N.tmp/` for every rank to write its part of a save into
-    (one left by a killed save is removed first)."""
-    tmp = _tmp_dir(root, iteration)
-    if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    return tmp
-
-
-def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
-    """Collective, once every rank has written its part into `iter_N.tmp/`: rank 0 writes
-    meta.json, renames the folder to `iter_N/` and only then rewrites `latest`."""
-    dist.barrier()
-    final = iteration_dir(root, state.iteration)
-    if dist.get_rank() == 0:
-        tmp = _tmp_dir(root, state.iteration)
-        full_meta = dict(meta, iteration=state.iteration,
-                         consumed_samples=state.consumed_samples, parallel=parallel_layout())
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n")
-        write_manifest(tmp)  # sizes and checksums of every file, verified on load
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_latest(root, state.iteration)
-    dist.barrier()
-    return final
-
-
-# What a full disk looks like once it has come through megatron-core's writer processes and
-# torch's zip writer: an errno in a message, or the zip writer's check of a short write.
-_ENOSPC_TEXT = (os.strerror(errno.ENOSPC), f"[Errno {errno.ENOSPC}]")
-_SHORT_WRITE_TEXT = "unexpected pos"
-_NEARLY_FULL_BYTES = 64 * 2**20
-
-
-def disk_full_error(error: BaseException, folder: Path, root: Path) -> CheckpointError | None:
-    """A one-line CheckpointError when `error` (raised while writing `folder`) was a full disk,
-    else None. A short write of the zip writer counts when the filesystem is nearly full."""
-    text = " ".join(str(e) for e in _exception_chain(error))
-    free = shutil.disk_usage(folder if folder.exists() else root).free
-    short_write = _SHORT_WRITE_TEXT in text and free < _NEARLY_FULL_BYTES
-    if not (short_write or any(t in text for t in _ENOSPC_TEXT)):
-        return None
-    return CheckpointError(f"no space left on device while writing {folder} ({free:,} bytes "
-                           f"free there); {root / 'latest'} still names the last complete "
-                           f"checkpoint: free some space and resume")
-
-
-def _exception_chain(error: BaseException | None) -> list[BaseException]:
-    chain: list[BaseException] = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
-def _tmp_dir(root: Path, iteration: int) -> Path:
-    final = iteration_dir(root, iteration)
-    return final.with_name(final.name + ".tmp")
-
-
-def write_latest(root: Path, iteration: int) -> None:
-    tmp = root / "latest.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
-
-
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
                     layout: VocabLayout, padded_vocab_size: int, load_optimizer: bool = True,
                     verify: bool = True, extras: dict[str, Any] | None = None,
@@ -276,9 +104,10 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
 
 def check_checkpoint(folder: Path, layout: VocabLayout, padded_vocab_size: int,
                      verify: bool = True, engine: str = "megatron") -> dict[str, Any]:
-    """Before anything is loaded: the files whole and safe (check_loadable), written by this
-    engine, for this vocabulary. Returns meta.json."""
-    check_loadable(folder, verify, dcp=engine == "megatron")
+    """Before anything is loaded: the files whole and every pickle safe (checkpoint/trust.py;
+    DeepSpeed's folders hold no DCP metadata), written by this engine, for this vocabulary.
+    Returns meta.json."""
+    check_before_load(folder, verify, dcp=engine == "megatron")
     meta = read_meta(folder)
     check_engine(folder, meta, engine)
     check_vocab(folder, meta, layout, padded_vocab_size)
@@ -367,13 +196,12 @@ ARCHITECTURE_KEYS = ("untie_embeddings_and_output_weights", "num_layers", "hidde
 
 def _architecture(model: dict[str, Any]) -> dict[str, Any]:
     from megatron_t2i.config import ModelConfig
-    from megatron_t2i.training.flops import resolved_ffn_hidden_size
 
     known = {f for f in ModelConfig.__dataclass_fields__}
     mc = ModelConfig(**{k: v for k, v in model.items() if k in known})
     out = {k: getattr(mc, k) for k in ARCHITECTURE_KEYS}
     out["num_query_groups"] = mc.num_query_groups or mc.num_attention_heads
-    out["ffn_hidden_size"] = resolved_ffn_hidden_size(mc)
+    out["ffn_hidden_size"] = mc.resolved_ffn_hidden_size
     return out
 
 

@@ -9,7 +9,7 @@ the checkpoint layout and `latest`. What differs from the megatron engine:
 
 - the model: built by model/gpt.py (the same seed gives the same weights), handed bare (no
   megatron DDP) to `deepspeed.initialize` with a config generated from ours
-  (training/deepspeed_config.py);
+  (`config.deepspeed_config`);
 - the optimizer: torch AdamW over megatron-core's parameter-group rule (no weight decay for
   biases and 1-D parameters), and the learning rate from megatron-core's
   OptimizerParamScheduler, as in the megatron engine, so the schedules cannot disagree;
@@ -34,11 +34,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 
-from megatron_t2i.config import Config, OptimConfig
+from megatron_t2i.checkpoint.layout import CheckpointError, TrainState
+from megatron_t2i.config import Config, OptimConfig, deepspeed_config
 from megatron_t2i.platform import Platform
 from megatron_t2i.training import checkpointing
-from megatron_t2i.training.checkpointing import TrainState
-from megatron_t2i.training.deepspeed_config import deepspeed_config
 from megatron_t2i.training.engine import build_scheduler
 from megatron_t2i.training.forward import forward_step
 
@@ -109,7 +108,7 @@ class DeepSpeedEngine:
         _, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                                 load_lr_scheduler_states=False)
         if client is None:
-            raise checkpointing.CheckpointError(f"{folder}: DeepSpeed could not read it")
+            raise CheckpointError(f"{folder}: DeepSpeed could not read it")
         self.scheduler.load_state_dict(client["opt_param_scheduler"])
         checkpointing.restore_rng(client["rng_state"])
         return TrainState(client["iteration"], client["consumed_samples"])
@@ -174,7 +173,7 @@ def _check_same_sharding(folder: Path, meta: dict[str, Any], zero_stage: int) ->
     saved_stage = meta.get("zero_stage")
     dp = parallel_state.get_data_parallel_world_size()
     if (saved_dp, saved_stage) != (dp, zero_stage):
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"checkpoint {folder} holds ZeRO stage {saved_stage} partitions for "
             f"{saved_dp} data-parallel ranks; this run has stage {zero_stage} on {dp}: resume "
             f"with the same deepspeed.zero_stage and number of processes")

@@ -13,7 +13,7 @@ wrapped model, the optimizer and the LR schedule, and supplies:
 - `forward_only(iterators, iterations)`: validation reports, in eval mode;
 - `save(folder, state, extras)` / `load(folder, meta, extras)`: its state, in its format,
   inside a checkpoint folder whose layout, meta.json and publication are the trainer's
-  (training/checkpointing.py `publish_checkpoint`).
+  (checkpoint/layout.py `publish_checkpoint`).
 
 Neither engine imports the trainer; the trainer knows them only through this protocol.
 """
@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_t2i.checkpoint.layout import TrainState
 from megatron_t2i.config import Config
-from megatron_t2i.training.checkpointing import TrainState
 
 
 class Engine(Protocol):

@@ -40,27 +40,12 @@ from __future__ import annotations
 from megatron_t2i.config import ModelConfig
 
 
-def resolved_ffn_hidden_size(model_cfg: ModelConfig) -> int:
-    """The MLP hidden size the model is built with; the one place this default lives.
-
-    SwiGLU has three matrices instead of two, so its default width is 8/3 x hidden (same
-    parameter count as a 4 x hidden GeLU MLP), rounded up to a multiple of 64 so the
-    matmuls tile well on tensor cores (4096 -> 10944; LLaMA rounds to 256, giving 11008).
-    """
-    if model_cfg.ffn_hidden_size is not None:
-        return model_cfg.ffn_hidden_size
-    h = model_cfg.hidden_size
-    if model_cfg.activation == "swiglu":
-        return 64 * -(-8 * h // (3 * 64))  # ceil(8h/3) rounded up to a multiple of 64
-    return 4 * h
-
-
 def _layer_forward_flops(model_cfg: ModelConfig, tokens: int, seq_length: int) -> int:
     """Forward matmul FLOPs of one transformer layer over `tokens` = B * s positions."""
     h, a = model_cfg.hidden_size, model_cfg.num_attention_heads
     d = h // a
     g = model_cfg.num_query_groups or a
-    f = resolved_ffn_hidden_size(model_cfg)
+    f = model_cfg.resolved_ffn_hidden_size
     n_mlp = 3 if model_cfg.activation == "swiglu" else 2
     qkv = 2 * tokens * h * (a * d + 2 * g * d)
     scores = 2 * tokens * seq_length * a * d  # B*a*s*s*d, no causal discount

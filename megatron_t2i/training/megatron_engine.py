@@ -20,11 +20,11 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+from megatron_t2i.checkpoint.layout import TrainState, parallel_layout
 from megatron_t2i.config import Config
 from megatron_t2i.model.freeze import FreezePlan, apply_freeze, count_parameters
 from megatron_t2i.model.gpt import params_dtype
 from megatron_t2i.training import checkpointing
-from megatron_t2i.training.checkpointing import TrainState
 from megatron_t2i.training.engine import build_scheduler
 from megatron_t2i.training.forward import forward_backward
 from megatron_t2i.vocab import VocabLayout
@@ -118,7 +118,7 @@ class MegatronEngine:
                                 parallel_state.get_model_parallel_group(), self.device)
 
     def describe(self) -> str:
-        p = checkpointing.parallel_layout()
+        p = parallel_layout()
         return (f"world {dist.get_world_size()} = TP {p['tensor_model_parallel_size']} x "
                 f"PP {p['pipeline_model_parallel_size']} x DP {p['data_parallel_size']}")
 

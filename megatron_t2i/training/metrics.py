@@ -35,16 +35,13 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from megatron_t2i.config import LoggingConfig
 from megatron_t2i.training.flops import mfu
-
-T = TypeVar("T")
 
 # (scalar name, format) in the order the stdout line shows them.
 _STDOUT_FIELDS = (
@@ -226,38 +223,3 @@ class Throughput:
 def data_wait_fraction(data_wait_time: float, iteration_time: float) -> float:
     """Share of an iteration spent blocked on data: near 0 when the loader keeps up."""
     return data_wait_time / iteration_time if iteration_time > 0 else 0.0
-
-
-class Stopwatch:
-    """Sums the time spent inside `with stopwatch:` blocks until `pop()` reads and resets it."""
-
-    def __init__(self) -> None:
-        self._total = 0.0
-        self._start = 0.0
-
-    def __enter__(self) -> Stopwatch:
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._total += time.perf_counter() - self._start
-
-    def pop(self) -> float:
-        total, self._total = self._total, 0.0
-        return total
-
-
-class TimedIterator(Iterator[T]):
-    """Wraps a data iterator so the time blocked in `next()` counts as data wait.
-
-    The pipeline schedules pull microbatches themselves, so timing the iterator (rather than
-    one call site) is what catches every wait.
-    """
-
-    def __init__(self, iterator: Iterator[T], stopwatch: Stopwatch) -> None:
-        self.iterator = iterator
-        self.stopwatch = stopwatch
-
-    def __next__(self) -> T:
-        with self.stopwatch:
-            return next(self.iterator)

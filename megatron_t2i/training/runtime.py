@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_t2i.checkpoint.layout import CheckpointError, read_meta
 from megatron_t2i.config import Config
 from megatron_t2i.distributed import init_distributed
 from megatron_t2i.model.gpt import build_model_chunks
 from megatron_t2i.platform import Platform, select_platform
-from megatron_t2i.training import checkpointing
 from megatron_t2i.vocab import VocabLayout
 
 
@@ -68,9 +68,9 @@ def padded_vocab_size(cfg: Config, layout: VocabLayout, checkpoint: Path | None 
     tp = cfg.parallel.tensor_model_parallel_size
     if checkpoint is None:
         return layout.padded_size(cfg.model.make_vocab_size_divisible_by, tp)
-    padded = int(checkpointing.read_meta(checkpoint)["padded_vocab_size"])
+    padded = int(read_meta(checkpoint)["padded_vocab_size"])
     if padded % tp:
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"checkpoint {checkpoint} has {padded} vocabulary rows, which "
             f"tensor_model_parallel_size={tp} cannot divide; re-pad it with "
             f"tools/resize_vocab.py")

@@ -6,7 +6,8 @@ The trainer builds the runtime (training/runtime.py: platform, process groups, s
 the data pipeline and one engine (training/engine.py: megatron-core's, or DeepSpeed's). It owns
 the loop, the exit signals, the metrics, the NaN / skip policy (train.nan_policy), the EMA of
 the weights, resume and the schedule of evaluations and saves; the engine runs the steps and
-reads and writes its own state inside the checkpoint folders (training/checkpointing.py).
+reads and writes its own state inside the checkpoint folders that checkpoint/layout.py begins
+and publishes.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_t2i.checkpoint import layout
 from megatron_t2i.config import Config, save_resolved
 from megatron_t2i.data.loader import DataPipeline, build_data_pipeline
 from megatron_t2i.distributed import destroy_distributed
 from megatron_t2i.platform import Platform
 from megatron_t2i.training import checkpointing, ema, faults
-from megatron_t2i.training.checkpointing import TrainState
 from megatron_t2i.training.ema import EMA
 from megatron_t2i.training.engine import Engine
 from megatron_t2i.training.flops import flops_per_iteration
@@ -112,14 +113,14 @@ class Trainer:
     def _resume_folder(self) -> Path | None:
         if not self.cfg.checkpoint.resume:
             return None
-        iteration = checkpointing.read_latest(self.cfg.checkpoint_dir)
-        return None if iteration is None else checkpointing.iteration_dir(
+        iteration = layout.read_latest(self.cfg.checkpoint_dir)
+        return None if iteration is None else layout.iteration_dir(
             self.cfg.checkpoint_dir, iteration)
 
     def _pretrained_folder(self) -> Path | None:
         if self.cfg.checkpoint.pretrained is None:
             return None
-        return checkpointing.resolve_checkpoint_folder(Path(self.cfg.checkpoint.pretrained))
+        return layout.resolve_folder(Path(self.cfg.checkpoint.pretrained))
 
     def _resume(self, folder: Path) -> None:
         """The engine's state (model, optimizer, schedule, RNG), the EMA and the data position
@@ -141,7 +142,7 @@ class Trainer:
 
     def _load_pretrained(self, folder: Path, chunks: list[torch.nn.Module]) -> None:
         """checkpoint.pretrained: a megatron-engine checkpoint's weights (any TP / PP)."""
-        checkpointing.check_architecture(folder, checkpointing.read_meta(folder), self.cfg.model)
+        checkpointing.check_architecture(folder, layout.read_meta(folder), self.cfg.model)
         checkpointing.load_model_weights(folder, chunks, self.data.layout,
                                          self.padded_vocab_size,
                                          verify=self.cfg.checkpoint.verify_checksums)
@@ -298,14 +299,14 @@ class Trainer:
 
     def save(self) -> None:
         """Collective: the engine's state (and the EMA) into a new checkpoint folder, published
-        only once complete (training/checkpointing.py)."""
+        only once complete (checkpoint/layout.py)."""
         meta = {"config": self.cfg.to_dict(), "vocab": self.data.layout.to_dict(),
                 "padded_vocab_size": self.padded_vocab_size, "has_ema": self.ema is not None}
         extras = None
         if self.ema is not None:
             extras = {ema.KEY: self.ema.sharded_state_dict(self.chunks)}
-        state = TrainState(self.iteration, self.consumed_samples)
-        folder = checkpointing.publish_checkpoint(
+        state = layout.TrainState(self.iteration, self.consumed_samples)
+        folder = layout.publish_checkpoint(
             self.cfg.checkpoint_dir, state, meta,
             lambda tmp: self.engine.save(tmp, state, extras))
         self._last_save = self.iteration

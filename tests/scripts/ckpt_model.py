@@ -38,6 +38,7 @@ def make(root: str, layout_json: str, tp: int, overrides: list[str]) -> None:
     """One source checkpoint, saved by the trainer's own code at TP."""
     from megatron.core.optimizer import get_megatron_optimizer
 
+    from megatron_t2i.checkpoint.layout import TrainState
     from megatron_t2i.config import load_config
     from megatron_t2i.model.gpt import build_model_chunks
     from megatron_t2i.training import checkpointing
@@ -66,14 +67,14 @@ def make(root: str, layout_json: str, tp: int, overrides: list[str]) -> None:
     optimizer.step()
     scheduler.step(increment=1)
     meta = {"config": cfg.to_dict(), "vocab": layout.to_dict(), "padded_vocab_size": padded}
-    checkpointing.save_checkpoint(Path(root), checkpointing.TrainState(1, 8), chunks, optimizer,
+    checkpointing.save_checkpoint(Path(root), TrainState(1, 8), chunks, optimizer,
                                   scheduler, meta)
 
 
 def logits(out: str, ids_path: str, jobs: list[str]) -> None:
     from megatron.core import dist_checkpointing, tensor_parallel
 
-    from megatron_t2i.checkpoint.io import iteration_folder
+    from megatron_t2i.checkpoint.layout import resolve_folder
     from megatron_t2i.config import config_from_dict
     from megatron_t2i.model.gpt import build_model_chunks
     from megatron_t2i.training.checkpointing import model_sharded_state_dict, read_meta
@@ -82,7 +83,7 @@ def logits(out: str, ids_path: str, jobs: list[str]) -> None:
     results = {}
     for job in jobs:
         path, tp = job.rsplit(":", 1)
-        folder = iteration_folder(path)
+        folder = resolve_folder(path)
         meta = read_meta(folder)
         raw = meta["config"]
         raw["parallel"].update(tensor_model_parallel_size=int(tp),

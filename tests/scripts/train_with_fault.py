@@ -9,8 +9,9 @@ published, as a node failure would. writer@N: SIGKILL the rank from the shard-wr
 megatron-core forks while saving iteration N, which then go on as if the rank had died under
 them (a kill -9, the OOM killer).
 
-The hook is installed here, by patching the one publish function and the one shard writer of
-training/checkpointing.py before the normal entry point runs: nothing of it is in the library.
+The hook is installed here, by patching the one publish function (checkpoint/layout.py) and the
+megatron engine's one shard writer (training/checkpointing.py) before the normal entry point
+runs: nothing of it is in the library.
 """
 
 from __future__ import annotations
@@ -22,20 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_t2i.checkpoint import layout  # noqa: E402
 from megatron_t2i.training import checkpointing, writer_guard  # noqa: E402
 
 _saving = {"iteration": None}
 
 
 def _kill_job_before_publish(iteration: int):
-    publish = checkpointing.publish_save
+    publish = layout.publish_save
 
     def publish_or_die(root, state, meta):
         if state.iteration == iteration:
             os.killpg(os.getpgid(0), signal.SIGKILL)
         return publish(root, state, meta)
 
-    checkpointing.publish_save = publish_or_die
+    layout.publish_save = publish_or_die
 
 
 def _kill_rank_from_writer(iteration: int) -> None:
