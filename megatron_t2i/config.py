@@ -90,8 +90,9 @@ class ParallelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # Prefix of a .bin/.idx pair (with its .vocab.json sidecar). None: the embedded synthetic
-    # demo corpus, generated on first use under cache_dir.
+    # Prefix of a .bin/.idx pair or of a shard set (.shards.json; docs/data-at-scale.md), with
+    # its .vocab.json sidecar. None: the embedded synthetic demo corpus, generated on first
+    # use under cache_dir.
     data_path: Optional[str] = None
     # Several prefixes blended with weights (one per prefix; empty: in proportion to their
     # sizes). Text-only prefixes (preprocessed in text mode) are packed GPT-style.

@@ -23,15 +23,21 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, path)
+        publish_file(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    sync_folder_entry(path.parent)
+
+
+def publish_file(tmp: str | Path, target: str | Path) -> None:
+    """Rename the finished file `tmp` (written by any writer) to `target`, its bytes on disk
+    first and the rename after."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    sync_folder_entry(Path(target).parent)
 
 
 def sync_folder_entry(folder: Path) -> None:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import REPO, train_env
 
-from megatron_t2i.bench.hf_peer import PeerUnsupported, build_llama, peer_differences
-from megatron_t2i.bench.throughput import SyntheticT2IDataset, main, synthetic_layout
 from megatron_t2i.config import load_config
+from megatron_t2i.experiments.bench.hf_peer import PeerUnsupported, build_llama, peer_differences
+from megatron_t2i.experiments.bench.throughput import SyntheticT2IDataset, main, synthetic_layout
 from megatron_t2i.training.flops import flops_per_iteration
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",

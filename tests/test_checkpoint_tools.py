@@ -6,6 +6,7 @@ over gloo); the source checkpoints of the surgery are saved by the trainer's sav
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -26,18 +27,21 @@ from megatron_t2i.checkpoint.io import (
     CheckpointReader,
     Chunk,
     TensorSpec,
+    layer_chunks,
     write_checkpoint,
 )
 from megatron_t2i.checkpoint.layout import CheckpointError, staged_output
 from megatron_t2i.checkpoint.openlm import OpenLMSource
 from megatron_t2i.checkpoint.surgery import resize_vocab
+from megatron_t2i.config import ModelConfig
+from megatron_t2i.model.keys import model_keys, vocab_table_keys
 from megatron_t2i.vocab import VocabLayout
 
 transformers = pytest.importorskip("transformers")
 
 SCRIPT = REPO / "tests/scripts/ckpt_model.py"
-EMBED, OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
-FC1 = "decoder.layers.mlp.linear_fc1.weight"
+EMBED, OUTPUT = vocab_table_keys()
+FC1 = model_keys(ModelConfig()).key("fc1")
 # the demo corpus's text tokenizer: 128 ids, bos 1, eos 2, pad 3
 TEXT = VocabLayout(text_size=128, image_size=0, bos_id=1, eod_id=2, added_specials=(),
                    text_pad_id=3)
@@ -187,6 +191,26 @@ def test_imported_checkpoint_meta(work):
     assert meta["has_optimizer"] is False and meta["iteration"] == 0
 
 
+def test_key_names_are_the_trainers(work):
+    """model/keys.py's names and global shapes are exactly what the trainer's save wrote (TP=2
+    and TP=1), and an import of the same architecture writes the same keys."""
+    for name in ("src1", "src2"):
+        reader = CheckpointReader(work["dir"] / name)
+        model = ModelConfig(**{k: v for k, v in reader.meta["config"]["model"].items()
+                               if k in ModelConfig.__dataclass_fields__})
+        keys = model_keys(model, reader.meta["padded_vocab_size"])
+        saved = {k: reader.spec(k).shape for k in reader.tensor_keys()
+                 if not k.startswith("optimizer")}
+        assert saved == keys.shapes, name
+        assert set(keys.objects) <= set(reader.object_keys()), name
+        assert EMBED in saved and OUTPUT in saved and keys.key("fc1") == FC1
+    imported = CheckpointReader(work["dir"] / "imp2")
+    keys = model_keys(ModelConfig(**{k: v for k, v in imported.meta["config"]["model"].items()
+                                     if k in ModelConfig.__dataclass_fields__}), 128)
+    assert set(imported.tensor_keys()) == set(keys.shapes)
+    assert set(imported.object_keys()) == set(keys.objects)
+
+
 # ---- surgery -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("before,after,padded", [("src2:2", "r21:1", 432), ("src1:1", "r12:2", 480),
@@ -286,6 +310,89 @@ def test_surgery_streams_the_sources_chunks(work):
         src.read(FC1, Chunk((3, 0, 0), (2, 384, 64)))
 
 
+def _megatron_load(folder: Path, split_factories: bool = False,
+                   rng: bool = False) -> tuple[dict, dict]:
+    """What megatron-core's own dist_checkpointing.load gives the trainer's model (TP=1, in
+    this process): every model tensor and extra state, the RNG object and the common state;
+    and the sharded state dict it loaded (`split_factories`: the SwiGLU fc1 as its pieces)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factories
+
+    from megatron_t2i.config import Config
+    from megatron_t2i.model.gpt import build_model_chunks
+
+    meta = json.loads((folder / "meta.json").read_text())
+    cfg = Config()
+    cfg.model = ModelConfig(**{k: v for k, v in meta["config"]["model"].items()
+                               if k in ModelConfig.__dataclass_fields__})
+    chunk = build_model_chunks(cfg, meta["padded_vocab_size"], on_cuda=False)[0]
+    sharded = {"model": chunk.sharded_state_dict()}
+    if split_factories:
+        apply_factories(sharded)
+    if rng:  # saved at TP=1, PP=1
+        sharded["rng_state"] = ShardedObject("rng_state", None, (1, 1), (0, 0), replica_id=0)
+    plan = copy.copy(sharded["model"])
+    return dist_checkpointing.load(sharded, str(folder)), plan
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _assert_read_as(plan, loaded, reader: CheckpointReader, seen: set) -> None:
+    """Each loaded piece equals the region of its key that our reader reads."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(plan, dict):
+        for k in plan:
+            _assert_read_as(plan[k], loaded[k], reader, seen)
+    elif isinstance(plan, (list, tuple)):
+        for p, v in zip(plan, loaded):
+            _assert_read_as(p, v, reader, seen)
+    elif isinstance(plan, ShardedTensor):
+        region = Chunk(tuple(plan.global_offset),
+                       (1,) * plan.prepend_axis_num + tuple(plan.local_shape))
+        want = reader.read(plan.key, region).reshape(plan.local_shape)
+        assert torch.equal(loaded, want), (reader.folder, plan.key, region)
+        seen.add(plan.key)
+
+
+def test_megatron_core_reads_the_streaming_writer_as_its_own(work, tmp_path):
+    """checkpoint/io.py's writer is a second writer of dist_checkpointing's torch_dist format:
+    a trainer checkpoint rewritten by it (every tensor chunk and object as stored) loads
+    through megatron-core's own dist_checkpointing.load bit-identically to the original, all
+    keys; the import's and the surgery's outputs load as our reader reads them, all keys."""
+    from conftest import world_of_one
+
+    d = work["dir"]
+    src = CheckpointReader(d / "src1")
+    entries = {k: src.spec(k) for k in src.tensor_keys()}
+    entries.update({k: src.read_object_bytes(k) for k in src.object_keys()})
+    copied = tmp_path / "iter_0000001"
+    write_checkpoint(copied, entries, None, src.common(), src.meta, produce_chunk=src.read)
+    with world_of_one():
+        original = _megatron_load(src.folder, rng=True)[0]
+        _assert_same(original, _megatron_load(copied, rng=True)[0])
+        assert original["iteration"] == 1 and "rng_state" in original
+        for name in ("imp1", "r21"):
+            reader = CheckpointReader(d / name)
+            loaded, plan = _megatron_load(reader.folder, split_factories=True)
+            seen: set[str] = set()
+            _assert_read_as(plan, loaded["model"], reader, seen)
+            assert seen == set(reader.tensor_keys()), name
+
+
 def test_written_checkpoints_are_layer_chunked(work, tmp_path):
     """write_checkpoint stores layer-stacked tensors one layer per chunk (as the trainer
     does), asking a whole-tensor producer once per tensor; imports are written so too."""
@@ -297,7 +404,8 @@ def test_written_checkpoints_are_layer_chunked(work, tmp_path):
         calls.append(key)
         return tensors[key]
 
-    entries = {k: TensorSpec(tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    entries = {FC1: TensorSpec((3, 8, 4), torch.float32, layer_chunks((3, 8, 4))),
+               EMBED: TensorSpec((16, 4), torch.float32)}
     write_checkpoint(tmp_path / "iter_0000000", entries, produce, {}, {"iteration": 0})
     reader = CheckpointReader(tmp_path / "iter_0000000")
     assert calls == [FC1, EMBED]

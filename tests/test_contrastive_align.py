@@ -13,7 +13,11 @@ import torch
 from conftest import REPO, TINY, train_env
 from safetensors.torch import load_file, save_file
 
-from megatron_t2i.alignment.contrastive import (
+from megatron_t2i.checkpoint.io import TensorSpec, write_checkpoint
+from megatron_t2i.checkpoint.layout import write_latest
+from megatron_t2i.config import load_config
+from megatron_t2i.data.demo import prepare_demo_corpus
+from megatron_t2i.experiments.alignment.contrastive import (
     METRICS_FILE,
     NEAREST_FILE,
     ROWS_FILE,
@@ -24,9 +28,7 @@ from megatron_t2i.alignment.contrastive import (
     load_text_embeddings,
     read_pairs,
 )
-from megatron_t2i.checkpoint.io import TensorSpec, write_checkpoint
-from megatron_t2i.config import load_config
-from megatron_t2i.data.demo import prepare_demo_corpus
+from megatron_t2i.model.keys import vocab_table_keys
 
 HIDDEN = 32
 
@@ -94,11 +96,11 @@ def write_tiny_checkpoint(root: Path, layout, padded: int) -> torch.Tensor:
     """A trainer-format checkpoint holding just the word embeddings (rows past the text
     vocabulary are image codes and padding, which the alignment must not take as text)."""
     table = torch.randn(padded, HIDDEN, generator=torch.Generator().manual_seed(1))
-    key = "embedding.word_embeddings.weight"
+    key = vocab_table_keys()[0]
     write_checkpoint(root / "iter_0000001", {key: TensorSpec((padded, HIDDEN), torch.float32)},
                      lambda k: table, common={},
                      meta={"vocab": layout.to_dict(), "padded_vocab_size": padded})
-    (root / "latest").write_text("1\n")
+    write_latest(root, 1)
     return table
 
 

@@ -23,6 +23,7 @@ from megatron_t2i.checkpoint.io import CheckpointReader
 from megatron_t2i.checkpoint.layout import CheckpointError
 from megatron_t2i.checkpoint.surgery import resize_vocab
 from megatron_t2i.config import ModelConfig
+from megatron_t2i.model.keys import model_keys
 from megatron_t2i.training import checkpointing
 from megatron_t2i.training.loss import present_losses
 from megatron_t2i.training.metrics import format_line
@@ -96,7 +97,7 @@ def test_mistral_sliding_window_refused(tmp_path):
     with pytest.raises(CheckpointError, match="sliding_window=4 is not supported"):
         HFSource(tmp_path / "window")
     _edit_config(tmp_path / "window", sliding_window=None)
-    assert HFSource(tmp_path / "window").spec.num_query_groups == 2
+    assert HFSource(tmp_path / "window").model.num_query_groups == 2
 
 
 @pytest.mark.parametrize("change,message", [
@@ -169,6 +170,25 @@ def test_openlm_pad_id_outside_the_vocabulary_refused(tmp_path):
                                                   r"architecture implies \[32, 48\]"):
         import_checkpoint(OpenLMSource(tmp_path / "m.pt", {"n_heads": 4}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_model_keys_name_every_role_the_architecture_has():
+    """Keys, global shapes and layer stacking as megatron-core's sharded state dict has them;
+    a role the architecture lacks (a tied output layer, RMSNorm biases) is absent."""
+    layer_norm = model_keys(ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96,
+                                        normalization="LayerNorm"), 256)
+    shapes = layer_norm.shapes
+    assert shapes[layer_norm.key("word_embeddings")] == (256, 64)
+    assert shapes[layer_norm.key("output_layer")] == (256, 64)
+    assert shapes[layer_norm.key("fc1")] == (3, 192, 64)  # [gate; up] of 3 layers
+    assert shapes[layer_norm.key("qkv")] == (3, 192, 64)
+    assert {layer_norm.key(r) for r in ("qkv", "fc2", "attn_norm_bias")} <= layer_norm.stacked
+    assert layer_norm.key("word_embeddings") not in layer_norm.stacked
+    assert len(layer_norm.objects) == 4 * 3  # qkv, proj, fc1, fc2 extra state per layer
+    tied = model_keys(ModelConfig(num_layers=3, hidden_size=64,
+                                  untie_embeddings_and_output_weights=False), 256)
+    assert tied.get("output_layer") is None and tied.get("final_norm_bias") is None
+    assert set(tied.shapes) == set(tied.roles.values())
 
 
 # ---- export is the inverse of import ----------------------------------------------------------

@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from megatron_t2i.study import english
-from megatron_t2i.study.debian import MissingData
+from megatron_t2i.experiments.study import english
+from megatron_t2i.experiments.study.debian import MissingData
 
 
 @pytest.fixture(scope="module")

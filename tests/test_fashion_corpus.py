@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_t2i.study import fashion
-from megatron_t2i.study.debian import MissingData
+from megatron_t2i.experiments.study import fashion
+from megatron_t2i.experiments.study.debian import MissingData
 
 COUNTS = {"train": 40, "valid": 10, "test": 10}
 

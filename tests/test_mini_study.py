@@ -15,9 +15,9 @@ from megatron_t2i.config import load_config
 from megatron_t2i.data.dataset import split_documents
 from megatron_t2i.data.loader import document_split_seed
 from megatron_t2i.eval.forgetting import read_choice_task
-from megatron_t2i.study.english import build_english_corpus, continuation_task
-from megatron_t2i.study.pipeline import Step, StudyError, eval_iterations, run_steps
-from megatron_t2i.study.report import read_curve
+from megatron_t2i.experiments.study.english import build_english_corpus, continuation_task
+from megatron_t2i.experiments.study.pipeline import Step, StudyError, eval_iterations, run_steps
+from megatron_t2i.experiments.study.report import read_curve
 
 
 def test_english_corpus_is_deterministic_prose():
@@ -107,7 +107,7 @@ def test_evaluation_points_are_step_zero_and_log_spaced():
 
 @pytest.mark.slow
 def test_quick_mini_study_computes_every_verdict(tmp_path):
-    from megatron_t2i.study.report import FIGURES
+    from megatron_t2i.experiments.study.report import FIGURES
 
     out = tmp_path / "study"
     proc = subprocess.run([sys.executable, "tools/mini_study.py", "--quick", "--out", str(out)],

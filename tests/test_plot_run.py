@@ -13,7 +13,8 @@ import yaml
 from conftest import REPO
 from PIL import Image
 
-from megatron_t2i.training.plots import PlotError, load_run, plot_runs, series
+from megatron_t2i.experiments.plots import plot_runs
+from megatron_t2i.training.run_log import PlotError, load_run, series
 
 pytest.importorskip("matplotlib")
 

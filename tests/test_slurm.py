@@ -226,3 +226,22 @@ def test_pre_timeout_signal_requeues_only_a_step_that_exited_75(tmp_path, step_s
     assert ("requeued job 77" in out) is requeued
     if not requeued:
         assert f"not requeued: the step exited {step_status} after SIGUSR1, not 75" in out
+
+
+@needs_slurm
+def test_preprocess_sbatch_two_encoders_equal_one_process(slurm_env, tmp_path):
+    """slurm/preprocess.sbatch with two srun tasks (CPU encoders, gloo) writes the bytes of a
+    one-process run."""
+    from test_preprocess_distributed import _args, _files, _tool, make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus")
+    assert _tool().main(_args(corpus, tmp_path / "one" / "t2i")) == 0
+    out = tmp_path / "job" / "t2i"
+    proc = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1",
+                           "--gpus-per-node=0", f"--output={tmp_path}/slurm-%j.out",
+                           "slurm/preprocess.sbatch", *_args(corpus, out)],
+                          cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=600)
+    log = _log(tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{log[-6000:]}"
+    assert "2 encoders on" in log and log.count("wrote 36 documents") == 1
+    assert _files(out) == _files(tmp_path / "one" / "t2i")

@@ -1,4 +1,4 @@
-"""The mini-study's statistics (megatron_t2i/study/stats.py): intervals and computed verdicts
+"""The mini-study's statistics (megatron_t2i/experiments/study/stats.py): intervals and computed verdicts
 on constructed inputs whose answer is known."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from megatron_t2i.study.stats import (
+from megatron_t2i.experiments.study.stats import (
     CLAIMS,
     Claim,
     bootstrap_interval,

@@ -2,12 +2,12 @@
 
     python tools/bench_engines.py --config configs/demo.yaml --nproc 2 --iters 30 --warmup 5
 
-See megatron_t2i/bench/engines.py.
+See megatron_t2i/experiments/bench/engines.py.
 """
 
 import sys
 
-from megatron_t2i.bench.engines import main
+from megatron_t2i.experiments.bench.engines import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@
 Writes <out>/alignment_metrics.jsonl (loss and temperature per step), <out>/image_rows.
 safetensors (`word_embeddings` [image codes, hidden]: the rows tools/resize_vocab.py
 --init file takes) and <out>/nearest_text_tokens.json (each code's nearest text tokens).
-See megatron_t2i/alignment/contrastive.py.
+See megatron_t2i/experiments/alignment/contrastive.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_t2i.alignment.contrastive import AlignConfig
+    from megatron_t2i.experiments.alignment.contrastive import AlignConfig
 
     d = AlignConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     args = p.parse_args(argv)
 
-    from megatron_t2i.alignment.contrastive import (
+    from megatron_t2i.experiments.alignment.contrastive import (
         NEAREST_FILE,
         ROWS_FILE,
         AlignmentError,

@@ -11,7 +11,7 @@ the same words shuffled, grows their vocabularies by VQ image codes, and trains,
 seed, text-to-image from them and from random init on Fashion-MNIST mosaics, the
 unconditional and frozen variants, the 64-codes ablation, alignment to the LM's table and to
 a random one, and the forgetting evaluation along training; then computes the verdicts and
-writes <out>/report.md, <out>/summary.json and PNG figures. See megatron_t2i/study/.
+writes <out>/report.md, <out>/summary.json and PNG figures. See megatron_t2i/experiments/study/.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true",
                    help="delete the output folder first (default: reuse finished steps)")
     args = p.parse_args(argv)
-    from megatron_t2i.study.pipeline import StudyError, run_study
+    from megatron_t2i.experiments.study.pipeline import StudyError, run_study
 
     out = Path(args.out or f"runs/mini_study/{'quick' if args.quick else 'full'}")
     if args.fresh:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_t2i.training.plots import PANELS, PlotError, plot_runs
+from megatron_t2i.experiments.plots import PANELS, PlotError, plot_runs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,15 @@
-"""Image-caption corpora -> Megatron indexed token files (.bin/.idx + .vocab.json sidecar).
+"""Image-caption corpora -> Megatron indexed token files (a shard set + .vocab.json sidecar).
 
     python tools/preprocess_data.py --input data/cc/*.tar --output-prefix data/cc_t2i \
         --text-tokenizer openlm/tokenizer.json --text-vocab-size 50432 \
-        --image-tokenizer movqgan:movqgan_270M.ckpt --workers 16
+        --image-tokenizer movqgan:movqgan_270M.ckpt --workers 8 --batch-size 64
 
-See megatron_t2i/data/preprocess.py for the input formats and modes.
+    torchrun --nproc-per-node 8 tools/preprocess_data.py ...   # one encoder per GPU
+    sbatch --nodes 4 slurm/preprocess.sbatch ...               # over nodes (srun)
+
+Writes PREFIX.shards/ (one .bin/.idx per task), PREFIX.shards.json and PREFIX.vocab.json;
+--merge writes one PREFIX.bin/.idx instead. Rerunning the same command resumes: committed
+shards are kept. See megatron_t2i/data/preprocess.py and docs/data-at-scale.md.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_t2i.data.preprocess import Settings, format_summary, preprocess
+from megatron_t2i.data.preprocess import TASK_BYTES, Settings, format_summary, preprocess
 from megatron_t2i.tokenizers.factory import IMAGE_KINDS
 
 
@@ -36,10 +41,21 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--image-key", default="image")
     p.add_argument("--caption-key", default="caption")
     p.add_argument("--text-key", default="text")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64, help="images per tokenizer call")
+    p.add_argument("--workers", type=int, default=1,
+                   help="decode workers (read, caption-tokenize, decode images) per encoder "
+                        "process; 1 decodes in the encoder process itself")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per image-tokenizer call (part of the resume fingerprint)")
+    p.add_argument("--task-bytes", type=int, default=TASK_BYTES,
+                   help="bytes of a jsonl input per task (a tar or a parquet row group is one)")
+    p.add_argument("--merge", action="store_true",
+                   help="write one PREFIX.bin/.idx (one process copies every shard) instead "
+                        "of the shard set")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    for flag in ("workers", "batch_size", "task_bytes"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     image = None
     if a.image_tokenizer:
         kind, sep, path = a.image_tokenizer.partition(":")
@@ -51,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return Settings(tuple(a.input), a.output_prefix, a.mode,
                     (a.text_tokenizer_kind, a.text_tokenizer), options, image,
                     a.image_vocab_size, a.image_key, a.caption_key, a.text_key, a.workers,
-                    a.batch_size, progress=not a.no_progress)
+                    a.batch_size, progress=not a.no_progress, task_bytes=a.task_bytes,
+                    merge=a.merge)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    if summary is not None:  # rank 0 of a job
+        print(format_summary(summary))
     return 0
 
 

@@ -72,7 +72,7 @@ def run(a: argparse.Namespace, steps: int, batch: int) -> dict:
 
     train, held_out = a.data, a.eval_data
     if a.fashion is not None:
-        from megatron_t2i.study import fashion
+        from megatron_t2i.experiments.study import fashion
 
         extra = max(a.mosaics // 10, 1)
         fashion.build_mosaic_corpus(a.fashion, counts={"train": a.mosaics, "valid": extra,

@@ -16,14 +16,11 @@ from typing import Any
 import torch
 
 from megatron_t2i.checkpoint import convert
-from megatron_t2i.checkpoint.convert import ModelSpec
 from megatron_t2i.checkpoint.integrity import write_manifest
-from megatron_t2i.checkpoint.io import (
-    CheckpointReader,
-    WriteStats,
-    reason,
-)
+from megatron_t2i.checkpoint.io import CheckpointReader, WriteStats, reason
 from megatron_t2i.checkpoint.layout import CheckpointError, staged_output
+from megatron_t2i.config import ModelConfig
+from megatron_t2i.model.keys import model_keys
 from megatron_t2i.vocab import VocabLayout
 
 _PER_LAYER = {
@@ -51,7 +48,7 @@ _PLAIN = {
 }
 
 
-def spec_from_hf_config(cfg: dict[str, Any], where: str) -> ModelSpec:
+def model_from_hf_config(cfg: dict[str, Any], where: str) -> ModelConfig:
     """The architecture a Llama / Mistral `config.json` describes; anything our GPT would
     compute differently from transformers is refused by name (one line)."""
     def need(key: str) -> Any:
@@ -75,16 +72,20 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str) -> ModelSpec:
     theta = _rope_theta(cfg, where)
     if theta != int(theta):
         raise CheckpointError(f"{where}: rope_theta={theta} is not an integer")
-    vocab = need("vocab_size")
-    return ModelSpec(
+    return convert.llama_model(
         num_layers=need("num_hidden_layers"), hidden_size=hidden, num_attention_heads=heads,
-        num_query_groups=groups, ffn_hidden_size=need("intermediate_size"), vocab_size=vocab,
+        num_query_groups=groups, ffn_hidden_size=need("intermediate_size"),
         normalization="RMSNorm", norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         rotary_base=int(theta), tied=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        bos_id=_token_id(cfg, "bos_token_id", 1, vocab, where),
-        eod_id=_token_id(cfg, "eos_token_id", 2, vocab, where),
-        pad_id=_token_id(cfg, "pad_token_id", None, vocab, where))
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048))
+
+
+def vocab_from_hf_config(cfg: dict[str, Any], where: str) -> VocabLayout:
+    """The source's text ids and specials (`need`ed to be valid by model_from_hf_config)."""
+    vocab = cfg["vocab_size"]
+    return convert.text_vocab(vocab, _token_id(cfg, "bos_token_id", 1, vocab, where),
+                              _token_id(cfg, "eos_token_id", 2, vocab, where),
+                              _token_id(cfg, "pad_token_id", None, vocab, where), where)
 
 
 def _refuse_unsupported(cfg: dict[str, Any], where: str) -> None:
@@ -164,7 +165,8 @@ class HFSource:
         arch = self.config.get("model_type")
         if arch not in ("llama", "mistral", None):
             raise CheckpointError(f"{config}: model_type {arch!r} is not Llama-family")
-        self.spec = spec_from_hf_config(self.config, str(config))
+        self.model = model_from_hf_config(self.config, str(config))
+        self.vocab = vocab_from_hf_config(self.config, str(config))
         self._open: dict[Path, Any] = {}
         self._files = self._weight_files()
         self._check_tensors()
@@ -189,8 +191,9 @@ class HFSource:
         """Every tensor the model needs is there with the shape config.json implies, and no
         tensor is left over that the model would use (a bias, a rotary table aside)."""
         wanted = {hf_name(name, layer): shape
-                  for (name, layer), shape in convert.source_shapes(self.spec).items()
-                  if not (name == "lm_head" and self.spec.tied)}
+                  for (name, layer), shape in convert.source_shapes(
+                      self.model, self.vocab.text_size).items()
+                  if not (name == "lm_head" and convert.is_tied(self.model))}
         for key, shape in wanted.items():
             if key not in self._files:
                 raise CheckpointError(f"{self.path}: tensor {key} is missing")
@@ -198,7 +201,7 @@ class HFSource:
             if got != shape:
                 raise CheckpointError(f"{self._files[key]}: tensor {key} is "
                                           f"{list(got)}, config.json implies {list(shape)}")
-        extra = [k for k in self._files if k not in wanted and not _ignorable(k, self.spec)]
+        extra = [k for k in self._files if k not in wanted and not _ignorable(k, self.model)]
         if extra:
             raise CheckpointError(f"{self._files[extra[0]]}: tensor {extra[0]} (and "
                                       f"{len(extra) - 1} more) is not part of a plain Llama "
@@ -206,7 +209,7 @@ class HFSource:
 
     def shape(self, name: str, layer: int | None = None) -> tuple[int, ...]:
         """A tensor's shape from the file's header, without reading its data."""
-        if name == "lm_head" and self.spec.tied:
+        if name == "lm_head" and convert.is_tied(self.model):
             name = "embed"
         return self._shape(hf_name(name, layer))
 
@@ -232,7 +235,7 @@ class HFSource:
     def get(self, name: str, layer: int | None = None) -> torch.Tensor | None:
         if name.endswith("_bias"):
             return None
-        if name == "lm_head" and self.spec.tied:
+        if name == "lm_head" and convert.is_tied(self.model):
             name = "embed"
         key = hf_name(name, layer)
         if key not in self._files:
@@ -245,10 +248,10 @@ class HFSource:
                                       f"({reason(e)})") from None
 
 
-def _ignorable(key: str, spec: ModelSpec) -> bool:
+def _ignorable(key: str, model: ModelConfig) -> bool:
     """Tensors transformers itself ignores: a tied model's saved lm_head, old rotary tables."""
-    return key.endswith("rotary_emb.inv_freq") or (spec.tied and key == hf_name("lm_head",
-                                                                                 None))
+    return key.endswith("rotary_emb.inv_freq") or (convert.is_tied(model)
+                                                   and key == hf_name("lm_head", None))
 
 
 def _open_weights(f: Path) -> Any:
@@ -277,19 +280,19 @@ def _read_json(path: Path) -> Any:
 
 # ---- export ----------------------------------------------------------------------------------
 
-def hf_config(spec: ModelSpec, dtype: torch.dtype, vocab: dict[str, Any]) -> dict[str, Any]:
+def hf_config(m: ModelConfig, dtype: torch.dtype, vocab: dict[str, Any]) -> dict[str, Any]:
     """A Llama config.json; `vocab` (export_vocab) gives the size and the special ids."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.ffn_hidden_size, "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_query_groups, "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": spec.norm_epsilon, "rope_theta": float(spec.rotary_base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(spec.rotary_base)},
-        "tie_word_embeddings": spec.tied, "attention_bias": False, "mlp_bias": False,
-        "head_dim": spec.head_dim, "torch_dtype": str(dtype).removeprefix("torch."),
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.resolved_ffn_hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": convert.query_groups(m), "hidden_act": "silu",
+        "max_position_embeddings": m.max_position_embeddings or m.seq_length,
+        "rms_norm_eps": m.norm_epsilon, "rope_theta": float(m.rotary_base),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
+        "tie_word_embeddings": convert.is_tied(m), "attention_bias": False, "mlp_bias": False,
+        "head_dim": convert.head_dim(m), "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."), **vocab,
     }
 
@@ -342,11 +345,12 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: torch.dtype | N
 
     reader = CheckpointReader(checkpoint)
     _check_exportable(reader.meta, str(reader.folder))
-    spec = convert.spec_from_meta(reader.meta)
+    model = convert.model_from_meta(reader.meta)
     vocab = export_vocab(reader.meta)
     size = vocab["vocab_size"]
-    keys = [k for k in convert.trainer_entries(spec, 1, torch.float32)
-            if "_extra_state" not in k]
+    names = model_keys(model)
+    roles = convert.role_of(names)
+    keys = list(roles)
     stats = WriteStats(tensors=0)
     start = time.perf_counter()
     with staged_output(output, overwrite, sources=(reader.folder,)) as tmp:
@@ -354,7 +358,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: torch.dtype | N
         for i, key in enumerate(tqdm(keys, desc="export hf", leave=False, disable=None)):
             tensor = reader.read(key)
             out_dtype = dtype or tensor.dtype
-            named = _split(key, tensor, spec, size)
+            named = _split(roles[key], tensor, model, size)
             shard = f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors"
             save_file({k: v.to(out_dtype).clone() for k, v in named.items()},
                       str(tmp / shard), metadata={"format": "pt"})
@@ -365,33 +369,34 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: torch.dtype | N
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
             indent=2))
         (tmp / "config.json").write_text(json.dumps(
-            hf_config(spec, dtype or reader.spec(convert.EMBED).dtype, vocab), indent=2))
+            hf_config(model, dtype or reader.spec(names.key("word_embeddings")).dtype, vocab), indent=2))
         write_manifest(tmp)
         stats.bytes = sum(p.stat().st_size for p in tmp.iterdir())
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _split(key: str, tensor: torch.Tensor, spec: ModelSpec, size: int) -> dict[str, torch.Tensor]:
-    """One trainer tensor -> the HF tensors it holds."""
-    if key == convert.EMBED:
+_LAYER_NAMES = {"attn_norm": "attn_norm", "proj": "o", "mlp_norm": "mlp_norm", "fc2": "down"}
+
+
+def _split(role: str, tensor: torch.Tensor, m: ModelConfig,
+           size: int) -> dict[str, torch.Tensor]:
+    """One trainer tensor (by its role, model/keys.py) -> the HF tensors it holds."""
+    if role == "word_embeddings":
         return {hf_name("embed", None): tensor[:size]}
-    if key == convert.OUTPUT:
+    if role == "output_layer":
         return {hf_name("lm_head", None): tensor[:size]}
-    if key == convert.FINAL + "weight":
+    if role == "final_norm":
         return {hf_name("final_norm", None): tensor}
     out = {}
-    for layer in range(spec.num_layers):
+    for layer in range(m.num_layers):
         t = tensor[layer]
-        if key == convert.QKV + "weight":
-            for name, part in zip("qkv", convert.unpack_qkv(t, spec)):
+        if role == "qkv":
+            for name, part in zip("qkv", convert.unpack_qkv(t, m)):
                 out[hf_name(name, layer)] = part
-        elif key == convert.FC1 + "weight":
+        elif role == "fc1":
             gate, up = t.chunk(2)
             out[hf_name("gate", layer)], out[hf_name("up", layer)] = gate, up
         else:
-            name = {convert.QKV + "layer_norm_weight": "attn_norm",
-                    convert.PROJ + "weight": "o", convert.FC1 + "layer_norm_weight": "mlp_norm",
-                    convert.FC2 + "weight": "down"}[key]
-            out[hf_name(name, layer)] = t
+            out[hf_name(_LAYER_NAMES[role], layer)] = t
     return out

@@ -2,8 +2,8 @@
 
 A trainer checkpoint (training/checkpointing.py) is a megatron-core dist_checkpointing folder
 in the torch_dist format: PyTorch Distributed Checkpoint (DCP) files holding *global* tensors
-(`embedding.word_embeddings.weight` is [padded vocab, hidden] whatever the TP size it was
-saved at; layer tensors carry a leading layer axis), a `common.pt` with the non-tensor state,
+(the word-embedding table is [padded vocab, hidden] whatever the TP size it was saved at;
+layer tensors carry a leading layer axis; model/keys.py names them), a `common.pt` with the non-tensor state,
 a `metadata.json` naming the backend, and our `meta.json`.
 
 A global tensor is stored as *chunks* (DCP's word): the pieces the ranks wrote. The trainer
@@ -12,7 +12,7 @@ writes each layer of a layer-stacked tensor as its own chunk (split again by TP)
 the whole model in memory, nor even a whole tensor: `CheckpointReader.read` loads a tensor or
 one chunk of it, and `write_checkpoint` plans a DCP save from shapes alone and asks for each
 chunk only when DCP is about to write it; layer-stacked tensors are written one layer per
-chunk, as the trainer does, so a later tool can stream them too. A tool's output appears whole or
+chunk (`layer_chunks`), as the trainer does, so a later tool can stream them too. A tool's output appears whole or
 not at all through checkpoint/layout.py's `staged_output`.
 """
 
@@ -66,8 +66,6 @@ BACKEND_FILE = "metadata.json"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
 
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-LAYERS_KEY = "decoder.layers."  # keys holding it stack every layer on a leading axis
 
 
 # What bad input makes the tools' libraries raise (torch.load, safetensors, json, DCP): each
@@ -123,7 +121,7 @@ def whole(shape: tuple[int, ...]) -> Chunk:
 @dataclass(frozen=True)
 class TensorSpec:
     """What the planner needs to know about a tensor before it exists: its global shape and
-    dtype, and the chunks it is written as (None: `default_chunks`)."""
+    dtype, and the chunks it is written as (None: the whole tensor as one chunk)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -134,13 +132,11 @@ class TensorSpec:
         return whole(self.shape).numel * torch.empty((), dtype=self.dtype).element_size()
 
 
-def default_chunks(key: str, shape: tuple[int, ...]) -> tuple[Chunk, ...]:
-    """One chunk per layer for a layer-stacked tensor (the trainer's own layout, so a later
-    tool can read it a layer at a time), else the whole tensor."""
-    if LAYERS_KEY in key and len(shape) >= 2:
-        rest = tuple(shape[1:])
-        return tuple(Chunk((i,) + (0,) * len(rest), (1,) + rest) for i in range(shape[0]))
-    return (whole(shape),)
+def layer_chunks(shape: tuple[int, ...]) -> tuple[Chunk, ...]:
+    """One chunk per layer of a layer-stacked tensor: the trainer's own layout, so a later
+    tool can read it a layer at a time."""
+    rest = tuple(shape[1:])
+    return tuple(Chunk((i,) + (0,) * len(rest), (1,) + rest) for i in range(shape[0]))
 
 
 def read_safe_metadata(folder: Path):
@@ -389,7 +385,7 @@ def _write_items(entries: dict[str, Entry]) -> list[WriteItem]:
             items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
             continue
         size, properties = torch.Size(entry.shape), TensorProperties(dtype=entry.dtype)
-        for chunk in entry.chunks or default_chunks(key, entry.shape):
+        for chunk in entry.chunks or (whole(entry.shape),):
             offsets = torch.Size(chunk.offsets)
             items.append(WriteItem(
                 index=MetadataIndex(key, offsets), type=WriteItemType.SHARD,
@@ -442,7 +438,7 @@ class _LazySavePlanner(DefaultSavePlanner):
             if tuple(tensor.shape) != entry.shape:
                 raise RuntimeError(f"{key}: produced {tuple(tensor.shape)}, planned "
                                    f"{entry.shape}")
-            self._held = (key, tensor, len(entry.chunks or default_chunks(key, entry.shape)))
+            self._held = (key, tensor, len(entry.chunks or (whole(entry.shape),)))
         key, tensor, left = self._held
         self._held = (key, tensor, left - 1) if left > 1 else None
         return tensor[chunk.index()]
@@ -453,7 +449,7 @@ def write_checkpoint(folder: Path, entries: dict[str, Entry], produce: Producer 
                      produce_chunk: ChunkProducer | None = None) -> WriteStats:
     """Write a complete iteration folder. `entries` maps each key to its spec (tensors) or
     serialized bytes (sharded objects). Each tensor is written as its spec's chunks (else
-    `default_chunks`); `produce_chunk(key, chunk)` returns one chunk when DCP writes it, or,
+    whole); `produce_chunk(key, chunk)` returns one chunk when DCP writes it, or,
     without it, `produce(key)` returns the whole tensor when its first chunk is written.
 
     One file per write item: DCP's writer keeps every tensor of a file alive until the file

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from megatron_t2i.checkpoint.convert import ModelSpec
+from megatron_t2i.checkpoint import convert
 from megatron_t2i.checkpoint.io import reason
 from megatron_t2i.checkpoint.layout import CheckpointError
+from megatron_t2i.config import ModelConfig
 
 _PER_LAYER = {"attn_norm": "attention_norm.weight", "attn_norm_bias": "attention_norm.bias",
               "o": "attention.out_proj.weight", "mlp_norm": "ffn_norm.weight",
@@ -61,24 +62,23 @@ class OpenLMSource:
                                       f"--num-attention-heads")
         if norm not in ("layer_norm", "rms_norm"):
             raise CheckpointError(f"OpenLM norm {norm!r}: expected layer_norm or rms_norm")
-        self.spec = self._spec(int(heads), cfg, norm, bos_id, eod_id, pad_id)
+        self.model = self._model(int(heads), cfg, norm)
+        self.vocab = convert.text_vocab(self._tensor("tok_embeddings.weight").shape[0], bos_id,
+                                        eod_id, pad_id, str(self.path))
 
-    def _spec(self, heads: int, cfg: dict[str, Any], norm: str, bos: int, eod: int,
-              pad: int | None) -> ModelSpec:
+    def _model(self, heads: int, cfg: dict[str, Any], norm: str) -> ModelConfig:
         embed = self._tensor("tok_embeddings.weight")
         layers = {int(k.split(".")[1]) for k in self.state if k.startswith("layers.")}
         if not layers or sorted(layers) != list(range(len(layers))):
             raise CheckpointError(f"{self.path}: no consecutive layers.N.* parameters")
         w12 = self._tensor("layers.0.feed_forward.w12.weight")
         tied = bool(cfg.get("weight_tying", False)) or "output.weight" not in self.state
-        return ModelSpec(
+        return convert.llama_model(
             num_layers=len(layers), hidden_size=embed.shape[1], num_attention_heads=heads,
             num_query_groups=heads, ffn_hidden_size=w12.shape[0] // 2,
-            vocab_size=embed.shape[0],
             normalization="LayerNorm" if norm == "layer_norm" else "RMSNorm",
             norm_epsilon=float(cfg.get("norm_eps", 1e-5)), rotary_base=10000, tied=tied,
-            max_position_embeddings=int(cfg.get("seq_len", 2048)), bos_id=bos, eod_id=eod,
-            pad_id=pad)
+            max_position_embeddings=int(cfg.get("seq_len", 2048)))
 
     def _tensor(self, key: str) -> torch.Tensor:
         if key not in self.state:
@@ -87,7 +87,7 @@ class OpenLMSource:
 
     def get(self, name: str, layer: int | None = None) -> torch.Tensor | None:
         if layer is None:
-            if name == "lm_head" and self.spec.tied:
+            if name == "lm_head" and convert.is_tied(self.model):
                 name = "embed"
             key = _GLOBAL[name]
             return self.state.get(key) if name.endswith("_bias") else self._tensor(key)

@@ -36,7 +36,6 @@ from typing import Any, Literal
 import torch
 
 from megatron_t2i.checkpoint.io import (
-    VOCAB_KEYS,
     CheckpointReader,
     Chunk,
     TensorSpec,
@@ -45,6 +44,7 @@ from megatron_t2i.checkpoint.io import (
     write_checkpoint,
 )
 from megatron_t2i.checkpoint.layout import CheckpointError, staged_output, write_latest
+from megatron_t2i.model.keys import vocab_table_keys
 from megatron_t2i.vocab import VocabLayout
 
 InitMethod = Literal["normal", "mean", "mean_std", "file"]
@@ -207,7 +207,7 @@ def grow_table(old: torch.Tensor, plan: RowPlan, key: str, init: RowInit,
         new[start:stop] = new_rows_from[start:stop].to(old.dtype)
         new[plan.new_specials] = new_rows_from[plan.new_specials].to(old.dtype)
         return new
-    table = "word_embeddings" if key.startswith("embedding") else "output_layer"
+    table = "word_embeddings" if key == vocab_table_keys()[0] else "output_layer"
     text = old[:plan.copies[0][2]]
     if stop > start:
         init.fill(new[start:stop], table, key, text, image=True)
@@ -237,7 +237,8 @@ def resize_vocab(source: str | Path, output: str | Path, image_size: int = 16384
     new_layout = target_layout(old_layout, image_size, specials)
     padded = padded_size(new_layout, tp, divisor, padded_vocab_size)
     plan = plan_rows(old_layout, new_layout, padded)
-    vocab_keys = [k for k in VOCAB_KEYS if k in reader.tensor_keys()]
+    embedding, output_layer = vocab_table_keys()
+    vocab_keys = [k for k in (embedding, output_layer) if k in reader.tensor_keys()]
     hidden = reader.spec(vocab_keys[0]).shape[1]
     row_init = RowInit(init, init_std or config.get("model", {}).get("init_method_std", 0.02),
                        seed)
@@ -246,7 +247,7 @@ def resize_vocab(source: str | Path, output: str | Path, image_size: int = 16384
             raise CheckpointError("--init file needs --init-file PATH")
         row_init.file = Path(init_file)
         row_init.file_rows = load_init_file(Path(init_file), plan.new_image[1] - plan.new_image[0],
-                                            hidden, "output_layer.weight" in vocab_keys)
+                                            hidden, output_layer in vocab_keys)
 
     entries, grown = _plan_entries(reader, vocab_keys, padded, keep_optimizer)
     tables: dict[str, torch.Tensor] = {}
@@ -293,9 +294,10 @@ def _source_layout(reader: CheckpointReader) -> VocabLayout:
                                   f"('vocab', 'padded_vocab_size')")
     layout = VocabLayout.from_dict(meta["vocab"])
     padded = meta["padded_vocab_size"]
-    keys = [k for k in VOCAB_KEYS if k in reader.tensor_keys()]
-    if "embedding.word_embeddings.weight" not in keys:
-        raise CheckpointError(f"{reader.folder}: no embedding.word_embeddings.weight "
+    embedding = vocab_table_keys()[0]
+    keys = [k for k in vocab_table_keys() if k in reader.tensor_keys()]
+    if embedding not in keys:
+        raise CheckpointError(f"{reader.folder}: no {embedding} "
                                   f"(a checkpoint of a later pipeline stage only?)")
     for key in keys:
         rows = reader.spec(key).shape[0]

@@ -5,6 +5,9 @@
     <prefix>.vocab.json  {"layout": VocabLayout.to_dict(), "mode": ..., "id_range": [min, max],
                           ...meta (tokenizer identities)}
 
+A prefix may instead name a shard set (`<prefix>.shards.json` and one such pair per shard,
+data/shards.py), opened by the same `open_indexed` and read as one sequence of documents.
+
 Reading goes through megatron-core's own `IndexedDataset`; `open_indexed` first checks what it
 would otherwise trip over with an assertion or a crash deep in numpy: missing files, a layout
 that differs from the training config, a .bin that does not match its .idx, a sidecar without
@@ -17,33 +20,26 @@ from __future__ import annotations
 
 import gc
 import json
-import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import (
-    DType,
     IndexedDataset,
     IndexedDatasetBuilder,
 )
 
+from megatron_t2i.data.shards import ShardedIndexed, check_shards, read_manifest
+from megatron_t2i.data.token_arrays import (  # re-exported: one import for the callers
+    DataFileError,
+    check_token_arrays,
+    manifest_path,
+    paths,
+)
 from megatron_t2i.vocab import VocabLayout
 
-_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header
 MODES = ("conditional", "unconditional", "text")  # what preprocessing writes (see preprocess.py)
-
-
-class DataFileError(ValueError):
-    """A token file (.bin / .idx / sidecar) that is corrupt or inconsistent; names the file."""
-
-
-_IDX_HEAD = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
-
-
-def paths(prefix: str | Path) -> dict[str, Path]:
-    return {ext: Path(f"{prefix}.{ext}") for ext in ("bin", "idx", "vocab.json")}
 
 
 def write_indexed(prefix: str | Path, sequences: Iterable[Sequence[int] | np.ndarray],
@@ -118,28 +114,45 @@ def read_sidecar(prefix: str | Path) -> dict[str, Any]:
 
 
 def open_indexed(prefix: str | Path, expected_layout: VocabLayout,
-                 mine: str = "the training config") -> IndexedDataset:
-    """Open token files after checking they exist, agree with each other and with the layout."""
-    p = paths(prefix)
-    for path in p.values():
+                 mine: str = "the training config") -> IndexedDataset | ShardedIndexed:
+    """Open token files after checking they exist, agree with each other and with the layout.
+    `prefix` names one `.bin/.idx` pair or a shard set (`<prefix>.shards.json`, data/shards.py),
+    read as one sequence of documents."""
+    for path in token_files(prefix):
         if not path.is_file():
             raise FileNotFoundError(f"token file {path} not found (data prefix {prefix})")
+    p = paths(prefix)
     sidecar = read_sidecar(prefix)
     if "layout" not in sidecar:
         raise DataFileError(f"{p['vocab.json']}: no 'layout' entry")
     expected_layout.check_matches(VocabLayout.from_dict(sidecar["layout"]),
                                   mine=mine, theirs=str(p["vocab.json"]))
     check_mode_and_range(p["vocab.json"], sidecar, expected_layout)
-    _check_bin_size(p["idx"], p["bin"])
-    _check_index_arrays(p["idx"], p["bin"])
+    if _names_shard_set(prefix):
+        entries = read_manifest(prefix)
+        check_shards(prefix, entries, sidecar)
+        return ShardedIndexed(prefix, entries)
+    check_token_arrays(prefix)
     return IndexedDataset(str(prefix), mmap=True)
 
 
-def check_token_arrays(prefix: str | Path) -> None:
-    """The .idx is well formed and the .bin holds exactly the tokens it describes."""
+def token_files(prefix: str | Path) -> list[Path]:
+    """The files a data prefix needs: its .bin/.idx, or a shard set's manifest (the shards
+    it lists are checked on opening); and the sidecar."""
     p = paths(prefix)
-    _check_bin_size(p["idx"], p["bin"])
-    _check_index_arrays(p["idx"], p["bin"])
+    if _names_shard_set(prefix):
+        return [manifest_path(prefix), p["vocab.json"]]
+    return list(p.values())
+
+
+def _names_shard_set(prefix: str | Path) -> bool:
+    """A shard manifest and no .bin: a prefix holding both is refused, since either could
+    be the stale one (a merge that stopped before removing the shards, or the reverse)."""
+    manifest, bin_ = manifest_path(prefix), paths(prefix)["bin"]
+    if manifest.is_file() and bin_.is_file():
+        raise DataFileError(f"{prefix}: both {bin_} and {manifest} exist; remove the stale "
+                            f"one (a data prefix names one token file or one shard set)")
+    return manifest.is_file()
 
 
 def allowed_ids(mode: str, layout: VocabLayout) -> tuple[int, int]:
@@ -169,65 +182,3 @@ def check_mode_and_range(path: Path, sidecar: dict[str, Any], layout: VocabLayou
                             f"layout, which hold ids in [{allowed[0]}, {allowed[1]})")
 
 
-def _check_bin_size(idx: Path, bin_: Path) -> None:
-    """The .bin must hold exactly the tokens the .idx counts (a cut copy fails here)."""
-    with open(idx, "rb") as f:
-        head = f.read(_IDX_HEAD.size)
-        if len(head) < _IDX_HEAD.size:
-            raise DataFileError(f"{idx}: truncated index header; regenerate the token files")
-        magic, version, code, sequences, documents = _IDX_HEAD.unpack(head)
-        if magic != _IDX_MAGIC or version != 1 or code not in {d.value for d in DType}:
-            raise DataFileError(f"{idx}: not a megatron-core index file (bad header: magic "
-                             f"{magic!r}, version {version}, dtype code {code})")
-        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
-    # lengths (int32), pointers (int64) per sequence, then document indices (int64)
-    needed = _IDX_HEAD.size + sequences * 12 + documents * 8
-    if len(lengths) < sequences or idx.stat().st_size < needed:
-        raise DataFileError(f"{idx}: truncated: it announces {sequences} sequences and "
-                         f"{documents - 1} documents ({needed} bytes) but holds "
-                         f"{idx.stat().st_size} bytes; regenerate the token files")
-    expected = int(lengths.astype(np.int64).sum()) * DType.size(code)
-    actual = bin_.stat().st_size
-    if actual != expected:
-        raise DataFileError(f"{bin_}: {actual} bytes, but {idx} describes {expected} bytes of "
-                         f"tokens; the file is truncated or belongs to another index; "
-                         f"regenerate the token files")
-
-
-def _check_index_arrays(idx: Path, bin_: Path) -> None:
-    """Pointers and document indices that megatron-core would follow out of the .bin (a bare
-    `ValueError: offset ...` mid-training) or into a wrong document: checked vectorised, once,
-    when the dataset is opened."""
-    with open(idx, "rb") as f:
-        _, _, code, sequences, documents = _IDX_HEAD.unpack(f.read(_IDX_HEAD.size))
-    index = np.memmap(idx, mode="r", offset=_IDX_HEAD.size)
-    lengths = index[:sequences * 4].view(np.int32).astype(np.int64)
-    pointers = index[sequences * 4:sequences * 12].view(np.int64)
-    doc_idx = index[sequences * 12:sequences * 12 + documents * 8].view(np.int64)
-    problem = _index_problem(lengths, pointers, doc_idx, DType.size(code), bin_.stat().st_size)
-    if problem:
-        raise DataFileError(f"{idx}: {problem}; the index is corrupt: regenerate the token "
-                            f"files")
-
-
-def _index_problem(lengths: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray,
-                   token_bytes: int, bin_bytes: int) -> str | None:
-    """What is inconsistent in the index arrays, or None."""
-    if (bad := np.flatnonzero(lengths < 0)).size:
-        return f"sequence {bad[0]} has a negative length {lengths[bad[0]]}"
-    if (bad := np.flatnonzero(np.diff(pointers) < 0)).size:
-        return (f"sequence pointers are not increasing (sequence {bad[0] + 1} starts at byte "
-                f"{pointers[bad[0] + 1]}, before sequence {bad[0]} at {pointers[bad[0]]})")
-    ends = pointers + lengths * token_bytes
-    if (bad := np.flatnonzero((pointers < 0) | (ends > bin_bytes))).size:
-        return (f"sequence {bad[0]} spans bytes {pointers[bad[0]]}-{ends[bad[0]]}, outside "
-                f"the {bin_bytes}-byte .bin")
-    if doc_idx.size == 0 or doc_idx[0] != 0 or doc_idx[-1] != lengths.size:
-        first_last = f"{doc_idx[0]}..{doc_idx[-1]}" if doc_idx.size else "none"
-        return (f"document indices must run from 0 to the {lengths.size} sequences, "
-                f"found {first_last}")
-    if (bad := np.flatnonzero(np.diff(doc_idx) < 0)).size:
-        return (f"document indices are not increasing (document {bad[0] + 1} starts at "
-                f"sequence {doc_idx[bad[0] + 1]}, before document {bad[0]} at "
-                f"{doc_idx[bad[0]]})")
-    return None

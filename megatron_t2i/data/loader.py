@@ -25,7 +25,7 @@ from megatron_t2i.config import Config, ConfigError
 from megatron_t2i.data.blend import BlendedDataset
 from megatron_t2i.data.dataset import PackedTextDataset, T2IDataset, split_documents
 from megatron_t2i.data.demo import prepare_demo_corpus
-from megatron_t2i.data.indexed import DataFileError, open_indexed, paths, read_sidecar
+from megatron_t2i.data.indexed import DataFileError, open_indexed, read_sidecar, token_files
 from megatron_t2i.data.sampler import DataParallelSampler
 from megatron_t2i.platform import Platform
 from megatron_t2i.timers import Stopwatch, TimedIterator
@@ -168,7 +168,7 @@ def long_captions_line(cfg: Config, sources: list[Source]) -> str | None:
 
 
 def _read_checked_sidecar(prefix: str) -> dict[str, Any]:
-    for path in paths(prefix).values():
+    for path in token_files(prefix):  # a .bin/.idx pair or a shard set's manifest
         if not path.is_file():
             raise FileNotFoundError(f"token file {path} not found (data prefix {prefix} in "
                                     f"data.data_path / data.data_paths)")

@@ -1,4 +1,5 @@
-"""Image-caption corpora -> indexed token files (`<prefix>.bin/.idx/.vocab.json`).
+"""Image-caption corpora -> indexed token files: a shard set (`<prefix>.shards/NNNNNN.bin/.idx`
+listed in `<prefix>.shards.json`) or one `<prefix>.bin/.idx`; the `.vocab.json` sidecar last.
 
 Inputs (by file name; a folder means every such file in it, sorted):
   *.jsonl    one JSON object per line: an image path (relative to the file) and a caption
@@ -9,11 +10,16 @@ Modes: `conditional` writes `[bos] caption [boi] codes [eoi]`, `unconditional` w
 `[bos] [boi] codes [eoi]` (the caption is ignored), `text` writes `[bos] text [eod]` for text
 corpora blended in (the dataset packs those GPT-style).
 
-The inputs are cut into tasks (byte ranges of a jsonl, one tar, row groups of a parquet); each
-worker process turns a task into a shard of its own, and the shards are merged in task order,
-so the output does not depend on the number of workers. A record that cannot be used (missing
-or unreadable image, empty caption, bad JSON, any exception) is skipped and counted, never fatal;
-the counts go to the sidecar and every skipped record to `<prefix>.skipped.jsonl`.
+The flow: the inputs are cut into tasks (`task_bytes` of a jsonl, one tar, one parquet row
+group: fixed by the files alone); task i is encoded by process i mod world size (one encoder
+per GPU under torchrun / srun); in each, `workers` DataLoader processes read and decode whole
+tasks (captions tokenized, images decoded, resized, cropped) and hand over chunks of
+`batch_size` images, one image-tokenizer call each; each task becomes shard i, committed
+atomically with a done file holding its counts. So the output does not depend on the number
+of processes or workers, and a rerun resumes where a killed run stopped. A record that cannot
+be used (missing or unreadable image, empty caption, bad JSON, any exception) is skipped and
+counted, never fatal; the counts go to the sidecar and every skipped record to
+`<prefix>.skipped.jsonl`.
 """
 
 from __future__ import annotations
@@ -21,23 +27,28 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
-import sys
 import tarfile
 import time
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+import torch.utils.data
 from PIL import Image
 
 from megatron_t2i.data.documents import make_document, make_text_document
-from megatron_t2i.data.indexed import merge_indexed, paths
+from megatron_t2i.data.indexed import merge_indexed, paths, write_sidecar
+from megatron_t2i.data.shards import write_manifest
+from megatron_t2i.data.token_arrays import manifest_path
+from megatron_t2i.distributed import detect_launch_env
+from megatron_t2i.files import publish_file, write_text_atomic
 from megatron_t2i.tokenizers import factory
 from megatron_t2i.tokenizers.image import ImageTokenizer
 from megatron_t2i.tokenizers.text import TextTokenizer
@@ -47,8 +58,9 @@ Mode = Literal["conditional", "unconditional", "text"]
 FORMATS = {".jsonl": "jsonl", ".tar": "tar", ".parquet": "parquet"}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MAX_LISTED_SKIPS = 100  # skipped records quoted in the sidecar (all of them go to .skipped.jsonl)
-
-
+# A jsonl task's byte range (~40k records of ~200 bytes): fixed, not derived from the number of
+# processes, so the tasks (and shards) are the same for any job size and a rerun finds them.
+TASK_BYTES = 8 << 20
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything a worker needs to rebuild the pipeline (tokenizers by kind and path)."""
@@ -62,9 +74,13 @@ class Settings:
     image_key: str = "image"
     caption_key: str = "caption"
     text_key: str = "text"
-    workers: int = 1
+    workers: int = 1  # decode workers per encoder process
     batch_size: int = 64  # images per image-tokenizer call
     progress: bool = True
+    task_bytes: int = TASK_BYTES  # jsonl bytes per task
+    # one .bin/.idx (True) or a shard set: PREFIX.shards/ + PREFIX.shards.json (False; the
+    # command line's default)
+    merge: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +107,7 @@ class TaskResult:
     shard: str
     records: int = 0
     documents: int = 0
+    tokens: int = 0
     caption_tokens: int = 0
     max_caption_tokens: int = 0
     caption_lengths: Counter = dataclasses.field(default_factory=Counter)  # tokens -> captions
@@ -107,6 +124,7 @@ class Summary:
     skipped: dict[str, int]
     seconds: float
     sidecar: dict[str, Any]
+    shards: int = 0  # 0: merged into one .bin/.idx
 
 
 class SkipRecord(Exception):
@@ -119,47 +137,93 @@ class SkipRecord(Exception):
 
 # ---- the entry point ---------------------------------------------------------------------
 
-def preprocess(settings: Settings) -> Summary:
-    """Tokenize the inputs into `<output_prefix>.bin/.idx/.vocab.json`; returns the summary."""
+def preprocess(settings: Settings) -> Summary | None:
+    """Tokenize the inputs into a shard set (`<prefix>.shards/`, `<prefix>.shards.json`) or,
+    with `settings.merge`, one `<prefix>.bin/.idx`; plus `<prefix>.vocab.json`, written last.
+
+    Under torchrun / srun every process is one encoder (on the GPU of its local rank) and takes
+    tasks i with i mod world size == its rank. A task's shard is committed when its done file
+    is written; a rerun of the same command (the fingerprint in the shard folder must match)
+    skips committed shards and redoes the rest, so the result equals an uninterrupted run.
+    Returns the summary on rank 0, None on the others."""
     t0 = time.perf_counter()
-    text, image = load_tokenizers(settings)
-    layout = _layout(settings, text, image)
-    tasks = plan_tasks(expand_inputs(settings.inputs), settings.workers)
-    shard_dir = Path(f"{settings.output_prefix}.shards")
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    shard_dir.mkdir(parents=True)
+    started = not torch.distributed.is_initialized()
+    rank = start_ranks()
     try:
-        results = _run_tasks(settings, tasks, shard_dir)
-        meta = _meta(settings, text, image, results)
-        if not sum(r.documents for r in results):
-            raise ValueError(f"{settings.output_prefix}: no document written from "
-                             f"{meta['records']} records; skipped: {meta['skipped']}")
-        _write_skip_list(settings.output_prefix, results)
-        ranges = [r.id_range for r in results if r.id_range is not None]
-        documents, tokens = merge_indexed(settings.output_prefix, [r.shard for r in results],
-                                          layout, meta, (min(lo for lo, _ in ranges),
-                                                         max(hi for _, hi in ranges)))
+        device = encoder_device(rank)
+        text, image = load_tokenizers(settings)
+        layout = _layout(settings, text, image)
+        tasks = plan_tasks(expand_inputs(settings.inputs), settings.task_bytes)
+        shard_dir = Path(f"{settings.output_prefix}.shards")
+        # rank 0 alone: MoVQGAN's identity hashes every weight
+        stamp = fingerprint(settings, text, image, tasks) if rank.leader else {}
+        claim_shard_dir(shard_dir, stamp, rank)
+        todo = [t for t in rank.mine(tasks) if not committed(shard_dir, t.index)]
+        encode_tasks(settings, todo, shard_dir, image, layout, device, rank.leader)
+        barrier(rank)
+        summary = None
+        if rank.leader:
+            results = [read_task_result(shard_dir, t.index) for t in tasks]
+            summary = finish(settings, text, image, layout, results, shard_dir, t0)
+        barrier(rank)
+        return summary
     finally:
+        if started and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def finish(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None,
+           layout: VocabLayout, results: list[TaskResult], shard_dir: Path, t0: float
+           ) -> Summary:
+    """Rank 0, once every shard is committed: the skip list, then the manifest (or the merged
+    file) and the sidecar last."""
+    prefix = settings.output_prefix
+    # an older set's sidecar would say "complete" while its files are being replaced
+    paths(prefix)["vocab.json"].unlink(missing_ok=True)
+    meta = _meta(settings, text, image, results)
+    documents = sum(r.documents for r in results)
+    tokens = sum(r.tokens for r in results)
+    if not documents:
+        raise ValueError(f"{prefix}: no document written from {meta['records']} records; "
+                         f"skipped: {meta['skipped']}")
+    _write_skip_list(prefix, results)
+    ranges = [r.id_range for r in results if r.id_range is not None]
+    id_range = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+    manifest = manifest_path(prefix)
+    if settings.merge:
+        merge_indexed(prefix, [r.shard for r in results], layout, meta, id_range)
+        manifest.unlink(missing_ok=True)
         shutil.rmtree(shard_dir, ignore_errors=True)
-    sidecar = json.loads(paths(settings.output_prefix)["vocab.json"].read_text())
-    return Summary(settings.output_prefix, meta["records"], documents, tokens, meta["skipped"],
-                   time.perf_counter() - t0, sidecar)
+    else:
+        for ext in ("bin", "idx"):  # an older merged file would make the prefix ambiguous
+            paths(prefix)[ext].unlink(missing_ok=True)
+        write_manifest(prefix, [r.shard for r in results])
+        write_sidecar(prefix, layout, meta, documents, tokens, id_range)
+    sidecar = json.loads(paths(prefix)["vocab.json"].read_text())
+    return Summary(prefix, meta["records"], documents, tokens, meta["skipped"],
+                   time.perf_counter() - t0, sidecar, 0 if settings.merge else len(results))
 
 
-def load_tokenizers(settings: Settings) -> tuple[TextTokenizer, ImageTokenizer | None]:
+def load_tokenizers(settings: Settings, image: bool = True
+                    ) -> tuple[TextTokenizer, ImageTokenizer | None]:
     """Both tokenizers; the text one even for image-only files, since the vocabulary layout
-    (its size, bos/eos) is shared with the image-caption files they are trained with."""
+    (its size, bos/eos) is shared with the image-caption files they are trained with.
+    `image=False`: the text one only (decode workers)."""
     kind, path = settings.text_tokenizer
     if not path:
         raise ValueError("preprocessing needs a text tokenizer (it defines the vocabulary "
                          "layout, even for unconditional files)")
     text = factory.load_text_tokenizer(kind, path, **dict(settings.text_tokenizer_options))
-    image = None
-    if settings.image_tokenizer is not None:
-        image = factory.load_image_tokenizer(*settings.image_tokenizer)
-    elif settings.mode != "text":
-        raise ValueError(f"mode {settings.mode!r} needs an image tokenizer")
-    return text, image
+    if settings.image_tokenizer is None:
+        if settings.mode != "text":
+            raise ValueError(f"mode {settings.mode!r} needs an image tokenizer")
+        return text, None
+    if not image:
+        return text, None
+    kind, path = settings.image_tokenizer
+    # MoVQGAN batches its forward passes itself: one pass per chunk of --batch-size images
+    options = {"batch_size": settings.batch_size} if kind == "movqgan" else {}
+    return text, factory.load_image_tokenizer(kind, path, **options)
 
 
 def _layout(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None
@@ -195,21 +259,21 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     return files
 
 
-def plan_tasks(files: list[Path], workers: int) -> list[Task]:
-    """Cut each file into tasks: enough of them (about 4 per worker) to keep workers busy."""
+def plan_tasks(files: list[Path], task_bytes: int = TASK_BYTES) -> list[Task]:
+    """Cut each file into tasks: `task_bytes` of a jsonl, one tar, one parquet row group. The
+    cut depends on the files alone, never on the number of processes: task i is shard i."""
     tasks: list[Task] = []
     for path in files:
         fmt = FORMATS[path.suffix]
         if fmt == "jsonl":
             size = path.stat().st_size
-            step = max(1 << 16, -(-size // (4 * workers)))
+            step = max(1, task_bytes)
             spans = [(s, min(s + step, size)) for s in range(0, size, step)] or [(0, 0)]
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
             groups = pq.ParquetFile(path).metadata.num_row_groups
-            step = max(1, -(-groups // (4 * workers)))  # consecutive row groups per task
-            spans = [(g, min(g + step, groups)) for g in range(0, groups, step)]
+            spans = [(g, g + 1) for g in range(groups)]
         else:
             spans = [(0, 0)]
         tasks += [Task(len(tasks) + i, fmt, str(path), a, b) for i, (a, b) in enumerate(spans)]
@@ -448,154 +512,329 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-# ---- workers -----------------------------------------------------------------------------
+# ---- decode workers: records -> caption ids + pixels, in chunks ---------------------------
 
-_worker: dict[str, Any] = {}  # per process: settings, tokenizers, layout, progress counter
+@dataclasses.dataclass
+class Chunk:
+    """Up to `batch_size` usable records of one task, decoded, in record order: what a decode
+    worker hands the encoder (one image-tokenizer call). `last` closes the task."""
+    task: int
+    last: bool = False
+    records: int = 0  # every record read, the skipped included
+    captions: list[list[int]] = dataclasses.field(default_factory=list)
+    pixels: Any = None  # uint8 tensor (n, S, S, 3); None in text mode
+    sources: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def pin_memory(self) -> Chunk:
+        """Called by the DataLoader's pin-memory thread (CUDA): page-locked pixels copy to
+        the GPU without a staging copy."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
 
 
-def _init_worker(settings: Settings, counter: Any) -> None:
-    text, image = load_tokenizers(settings)
-    _worker.update(settings=settings, text=text, image=image,
-                   layout=_layout(settings, text, image), counter=counter)
+class DecodedChunks(torch.utils.data.IterableDataset):
+    """This rank's tasks, decoded by the DataLoader's workers: worker w takes every W-th task
+    whole, so each task's records stay in order and its chunks (the encoder's batches) are the
+    same whatever W is. Holds only settings: a worker loads its own text tokenizer."""
+
+    def __init__(self, settings: Settings, tasks: list[Task], image_size: int) -> None:
+        self.settings, self.tasks, self.image_size = settings, tasks, image_size
+        self._text: TextTokenizer | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self._text is None:
+            self._text = load_tokenizers(self.settings, image=False)[0]
+        for task in self.tasks[w::n]:
+            yield from decode_task(task, self.settings, self._text, self.image_size)
 
 
-def process_task(task: Task, shard_dir: str) -> TaskResult:
-    """Turn one task into one shard file; runs in a worker after `_init_worker`."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    s: Settings = _worker["settings"]
-    result = TaskResult(task.index, str(Path(shard_dir) / f"{task.index:06d}"))
-    builder = IndexedDatasetBuilder(f"{result.shard}.bin", dtype=np.int32)
-    pending: list[tuple[Record, list[int], np.ndarray]] = []
-
-    def add(doc: np.ndarray) -> None:
-        builder.add_document(doc, [len(doc)])
-        result.documents += 1
-        lo, hi = result.id_range or (int(doc.min()), int(doc.max()))
-        result.id_range = (min(lo, int(doc.min())), max(hi, int(doc.max())))
-
-    def flush() -> None:
-        for doc in _encode_images(pending, result):
-            add(doc)
-        pending.clear()
-
+def decode_task(task: Task, s: Settings, text: TextTokenizer, image_size: int
+                ) -> Iterator[Chunk]:
+    """Read, caption-tokenize and decode one task's records; a chunk per `batch_size`."""
+    chunk, images = Chunk(task.index), []
     for record in read_records(task, s):
-        result.records += 1
-        if result.records % 64 == 0:
-            _count(64)
+        chunk.records += 1
         try:
-            caption_ids, pixels = _prepare(record, s)
+            caption_ids, pixels = prepare_record(record, s, text, image_size)
         except SkipRecord as e:
-            result.skipped.append((record.source, e.reason, e.detail))
+            chunk.skipped.append((record.source, e.reason, e.detail))
             continue
         except Exception as e:  # noqa: BLE001 - one bad record never stops a run
-            result.skipped.append((record.source, "failed", f"{type(e).__name__}: {e}"))
+            chunk.skipped.append((record.source, "failed", f"{type(e).__name__}: {e}"))
             continue
-        result.caption_tokens += len(caption_ids)
-        result.max_caption_tokens = max(result.max_caption_tokens, len(caption_ids))
-        if pixels is not None and s.mode == "conditional":
-            result.caption_lengths[len(caption_ids)] += 1
-        if pixels is None:
-            add(make_text_document(caption_ids, _worker["layout"]).astype(np.int32))
-        else:
-            pending.append((record, caption_ids, pixels))
-            if len(pending) >= s.batch_size:
-                flush()
-    flush()
-    _count(result.records % 64)
-    builder.finalize(f"{result.shard}.idx")
-    return result
+        chunk.captions.append(caption_ids)
+        chunk.sources.append(record.source)
+        if pixels is not None:
+            images.append(pixels)
+        if len(chunk.captions) >= s.batch_size:
+            yield _seal(chunk, images)
+            chunk, images = Chunk(task.index), []
+    chunk.last = True
+    yield _seal(chunk, images)
 
 
-def _prepare(record: Record, s: Settings) -> tuple[list[int], np.ndarray | None]:
+def _seal(chunk: Chunk, images: list[np.ndarray]) -> Chunk:
+    # one tensor per chunk: one transfer between processes, pinned as a whole on CUDA
+    chunk.pixels = torch.from_numpy(np.stack(images)) if images else None
+    return chunk
+
+
+def prepare_record(record: Record, s: Settings, text: TextTokenizer, image_size: int
+                   ) -> tuple[list[int], np.ndarray | None]:
     """Caption ids and pixels of one record (pixels None in text mode)."""
     if record.problem:
         reason, _, detail = record.problem.partition(": ")
         raise SkipRecord(reason, detail)
-    text = record.caption
+    caption = record.caption
     if s.mode == "text":
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(caption, str) or not caption.strip():
             raise SkipRecord("empty text")
-        return _worker["text"].encode(text), None
+        return text.encode(caption), None
     caption_ids: list[int] = []
     if s.mode == "conditional":
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(caption, str) or not caption.strip():
             raise SkipRecord("empty caption")
-        caption_ids = _worker["text"].encode(text.strip())
+        caption_ids = text.encode(caption.strip())
         if not caption_ids:
             raise SkipRecord("empty caption", "no tokens")
     if record.image is None:
         raise SkipRecord("missing image", f"no {s.image_key!r} field")
-    return caption_ids, load_image(record.image, _worker["image"].image_size)
+    return caption_ids, load_image(record.image, image_size)
 
 
-def _encode_images(pending: list[tuple[Record, list[int], np.ndarray]],
-                   result: TaskResult) -> Iterator[np.ndarray]:
-    """One tokenizer call per batch; if the batch fails, each record alone (skip the bad)."""
-    if not pending:
-        return
-    image: ImageTokenizer = _worker["image"]
+# ---- the encoder: chunks -> documents -> one committed shard per task --------------------
+
+class ShardWriter:
+    """One task's shard: written as NNNNNN.tmp.bin/.idx, renamed to NNNNNN.bin/.idx, then
+    NNNNNN.done.json (its counts) written atomically. A shard without its done file is
+    partial: a rerun writes it again from the start."""
+
+    def __init__(self, shard_dir: Path, index: int) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.shard_dir, self.name = shard_dir, f"{index:06d}"
+        self.result = TaskResult(index, str(shard_dir / self.name))
+        self.builder = IndexedDatasetBuilder(str(shard_dir / f"{self.name}.tmp.bin"),
+                                             dtype=np.int32)
+
+    def add_chunk(self, chunk: Chunk, image: ImageTokenizer | None, layout: VocabLayout,
+                  mode: Mode) -> None:
+        r = self.result
+        r.records += chunk.records
+        r.skipped += chunk.skipped
+        for caption_ids in chunk.captions:
+            r.caption_tokens += len(caption_ids)
+            r.max_caption_tokens = max(r.max_caption_tokens, len(caption_ids))
+            if mode == "conditional":
+                r.caption_lengths[len(caption_ids)] += 1
+        if mode == "text":
+            docs = [make_text_document(c, layout) for c in chunk.captions]
+        elif chunk.captions:
+            docs = encode_images(chunk, image, layout, r.skipped)
+        else:
+            docs = []
+        for doc in docs:
+            self._add(doc.astype(np.int32))
+
+    def _add(self, doc: np.ndarray) -> None:
+        self.builder.add_document(doc, [len(doc)])
+        r = self.result
+        r.documents += 1
+        r.tokens += len(doc)
+        lo, hi = r.id_range or (int(doc.min()), int(doc.max()))
+        r.id_range = (min(lo, int(doc.min())), max(hi, int(doc.max())))
+
+    def commit(self) -> TaskResult:
+        tmp = self.shard_dir / f"{self.name}.tmp"
+        self.builder.finalize(f"{tmp}.idx")
+        for ext in ("bin", "idx"):
+            publish_file(f"{tmp}.{ext}", self.shard_dir / f"{self.name}.{ext}")
+        write_text_atomic(self.shard_dir / f"{self.name}.done.json",
+                          json.dumps(_result_to_json(self.result)) + "\n")
+        return self.result
+
+
+def encode_images(chunk: Chunk, image: ImageTokenizer, layout: VocabLayout,
+                  skipped: list[tuple[str, str, str]]) -> list[np.ndarray]:
+    """One tokenizer call per chunk; if it fails, each image alone (the bad one skipped)."""
+    pixels = chunk.pixels.numpy()
     try:
-        codes = image.encode(np.stack([p for _, _, p in pending]))
+        codes = list(image.encode(pixels))
     except Exception:  # noqa: BLE001 - retried one by one below to find the culprit
         codes = []
-        for record, _, pixels in pending:
+        for source, one in zip(chunk.sources, pixels):
             try:
-                codes.append(image.encode(pixels[None])[0])
+                codes.append(image.encode(one[None])[0])
             except Exception as e:  # noqa: BLE001
                 codes.append(None)
-                result.skipped.append((record.source, "failed",
-                                       f"image tokenizer: {type(e).__name__}: {e}"))
-    for (_, caption_ids, _), grid in zip(pending, codes):
-        if grid is not None:
-            yield make_document(caption_ids, grid, _worker["layout"]).astype(np.int32)
+                skipped.append((source, "failed", f"image tokenizer: {type(e).__name__}: {e}"))
+    return [make_document(caption_ids, grid, layout)
+            for caption_ids, grid in zip(chunk.captions, codes) if grid is not None]
 
 
-def _count(n: int) -> None:
-    counter = _worker.get("counter")
-    if counter is not None and n:
-        with counter.get_lock():
-            counter.value += n
+def encode_tasks(settings: Settings, tasks: list[Task], shard_dir: Path,
+                 image: ImageTokenizer | None, layout: VocabLayout, device: torch.device,
+                 progress: bool) -> None:
+    """This rank's tasks through `settings.workers` decode workers into committed shards.
+    Chunks of different tasks interleave; each goes to its task's shard, so a shard's bytes
+    do not depend on the interleaving."""
+    workers = settings.workers if settings.workers > 1 else 0  # 1: decode in this process
+    loader = torch.utils.data.DataLoader(
+        DecodedChunks(settings, tasks, image.image_size if image else 0), batch_size=None,
+        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_keep,
+        multiprocessing_context=_start_method() if workers else None)
+    writers: dict[int, ShardWriter] = {}
+    with _progress_bar(settings, tasks, progress) as bar:
+        for chunk in loader:
+            writer = writers.get(chunk.task) or writers.setdefault(
+                chunk.task, ShardWriter(shard_dir, chunk.task))
+            writer.add_chunk(chunk, image, layout, settings.mode)
+            if chunk.last:
+                writers.pop(chunk.task).commit()
+            bar.update(chunk.records)
 
 
-def _run_tasks(settings: Settings, tasks: list[Task], shard_dir: Path) -> list[TaskResult]:
-    """All tasks, in worker processes when workers > 1; results in task order."""
-    ctx = mp.get_context(_start_method())
-    counter = ctx.Value("q", 0)
-    if settings.workers <= 1:
-        _init_worker(settings, counter)
-        with _progress_bar(settings, tasks) as bar:
-            results = []
-            for task in tasks:
-                results.append(process_task(task, str(shard_dir)))
-                bar.update(counter.value - bar.n)
-        _worker.clear()
-        return results
-    # the pool forks before the progress bar starts its monitor thread
-    with ctx.Pool(settings.workers, _init_worker, (settings, counter)) as pool, \
-            _progress_bar(settings, tasks) as bar:
-        pending = [pool.apply_async(process_task, (t, str(shard_dir))) for t in tasks]
-        while not all(p.ready() for p in pending):
-            time.sleep(0.2)
-            bar.update(counter.value - bar.n)
-        bar.update(counter.value - bar.n)
-        return [p.get() for p in pending]  # re-raises a worker's error
+def _keep(chunk: Chunk) -> Chunk:
+    return chunk
 
 
 def _start_method() -> str:
     """fork is fast; a CUDA context (a GPU image tokenizer loaded here) cannot be forked."""
-    torch = sys.modules.get("torch")
-    if os.name != "posix" or (torch is not None and torch.cuda.is_initialized()):
+    if os.name != "posix" or torch.cuda.is_initialized():
         return "spawn"
     return "fork"
 
 
-def _progress_bar(settings: Settings, tasks: list[Task]) -> Any:
+def _progress_bar(settings: Settings, tasks: list[Task], show: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=estimate_records(tasks) if settings.progress else None, unit="rec",
-                desc=Path(settings.output_prefix).name, disable=not settings.progress,
+    show = show and settings.progress
+    return tqdm(total=estimate_records(tasks) if show else None, unit="rec",
+                desc=Path(settings.output_prefix).name, disable=not show,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+def _result_to_json(r: TaskResult) -> dict[str, Any]:
+    return {"index": r.index, "records": r.records, "documents": r.documents,
+            "tokens": r.tokens, "caption_tokens": r.caption_tokens,
+            "max_caption_tokens": r.max_caption_tokens,
+            "caption_lengths": {str(k): v for k, v in sorted(r.caption_lengths.items())},
+            "id_range": list(r.id_range) if r.id_range else None,
+            "skipped": [list(s) for s in r.skipped]}
+
+
+def read_task_result(shard_dir: Path, index: int) -> TaskResult:
+    d = json.loads((shard_dir / f"{index:06d}.done.json").read_text())
+    return TaskResult(index, str(shard_dir / f"{index:06d}"), d["records"], d["documents"],
+                      d["tokens"], d["caption_tokens"], d["max_caption_tokens"],
+                      Counter({int(k): v for k, v in d["caption_lengths"].items()}),
+                      tuple(d["id_range"]) if d["id_range"] else None,
+                      [tuple(s) for s in d["skipped"]])
+
+
+def committed(shard_dir: Path, index: int) -> bool:
+    """The done file is written after the shard's rename: its presence means the shard is whole."""
+    name = f"{index:06d}"
+    return all((shard_dir / f"{name}.{ext}").is_file() for ext in ("done.json", "bin", "idx"))
+
+
+# ---- ranks: who encodes which task, and the resume fingerprint ----------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, tasks: list[Task]) -> list[Task]:
+        """Task i goes to rank i mod world size: fixed by the task list alone."""
+        return [t for t in tasks if t.index % self.world_size == self.rank]
+
+
+# encoders wait at the final barrier while the slowest rank finishes its tasks
+_BARRIER_TIMEOUT = timedelta(days=7)
+
+
+def start_ranks() -> Rank:
+    """One encoder per process of a torchrun / srun / mpirun job (none: a world of one). The
+    process group (gloo: it only carries barriers and small messages) is started here."""
+    launch = detect_launch_env()
+    if launch.world_size == 1 or torch.distributed.is_initialized():
+        return Rank(launch.rank, launch.world_size, launch.local_rank)
+    os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+    torch.distributed.init_process_group("gloo", init_method="env://", rank=launch.rank,
+                                         world_size=launch.world_size, timeout=_BARRIER_TIMEOUT)
+    return Rank(launch.rank, launch.world_size, launch.local_rank)
+
+
+def encoder_device(rank: Rank) -> torch.device:
+    """The GPU of this process's local rank, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier(rank: Rank) -> None:
+    if rank.world_size > 1:
+        torch.distributed.barrier()
+
+
+def agree(rank: Rank, error: str | None) -> None:
+    """Every rank raises rank 0's error (so no rank waits for a peer that gave up)."""
+    if rank.world_size > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
+
+
+def fingerprint(settings: Settings, text: TextTokenizer, image: ImageTokenizer | None,
+                tasks: list[Task]) -> dict[str, Any]:
+    """What the shards' bytes depend on; a rerun into the same shard folder must match.
+    Not the number of encoder processes or decode workers: they do not change the output."""
+    files = expand_inputs(settings.inputs)
+    return {
+        "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size,
+                    "mtime": int(p.stat().st_mtime)} for p in files],
+        "mode": settings.mode, "text_tokenizer": text.identity(),
+        "image_tokenizer": image.identity() if image is not None else None,
+        "image_vocab_size": settings.image_vocab_size, "image_key": settings.image_key,
+        "caption_key": settings.caption_key, "text_key": settings.text_key,
+        "batch_size": settings.batch_size, "task_bytes": settings.task_bytes,
+        "tasks": len(tasks),
+    }
+
+
+def claim_shard_dir(shard_dir: Path, stamp: dict[str, Any], rank: Rank) -> None:
+    """Rank 0 records the fingerprint of a new shard folder, or checks an existing one's."""
+    error = None
+    if rank.leader:
+        path = shard_dir / "fingerprint.json"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            write_text_atomic(path, json.dumps(stamp, indent=1) + "\n")
+        else:
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                old = {"unreadable": str(e)}
+            differ = sorted(k for k in stamp.keys() | old.keys() if stamp.get(k) != old.get(k))
+            if differ:
+                error = (f"{path}: the shards there come from another command (differs in: "
+                         f"{', '.join(differ)}); rerun it unchanged to resume, or choose "
+                         f"another --output-prefix")
+    agree(rank, error)
 
 
 # ---- summary -----------------------------------------------------------------------------
@@ -645,8 +884,10 @@ def _write_skip_list(prefix: str, results: list[TaskResult]) -> None:
 
 
 def format_summary(summary: Summary) -> str:
+    where = (f"{summary.prefix}.shards.json ({summary.shards:,} shards)" if summary.shards
+             else f"{summary.prefix}.bin/.idx")
     lines = [f"wrote {summary.documents:,} documents ({summary.tokens:,} tokens) from "
-             f"{summary.records:,} records to {summary.prefix}.bin/.idx in "
+             f"{summary.records:,} records to {where} in "
              f"{summary.seconds:.1f}s ({summary.records / max(summary.seconds, 1e-9):,.0f} "
              f"records/s)"]
     if summary.skipped:
@@ -667,7 +908,7 @@ def iter_texts(inputs: Iterable[str], field: str = "caption", limit: int | None 
     (source, reason, detail) when a list is given."""
     settings = Settings(tuple(inputs), "", mode="text", text_key=field, image_key="")
     seen = 0
-    for task in plan_tasks(expand_inputs(inputs), 1):
+    for task in plan_tasks(expand_inputs(inputs)):
         for record in read_records(task, settings):
             if record.problem:
                 _note_skip(skipped, record.source, record.problem)
@@ -684,7 +925,7 @@ def collect_images(inputs: Iterable[str], image_size: int, limit: int, image_key
     that are damaged or hold no readable image go to `skipped` when a list is given."""
     settings = Settings(tuple(inputs), "", mode="unconditional", image_key=image_key)
     images = []
-    for task in plan_tasks(expand_inputs(inputs), 1):
+    for task in plan_tasks(expand_inputs(inputs)):
         for record in read_records(task, settings):
             if len(images) >= limit:
                 return np.stack(images)

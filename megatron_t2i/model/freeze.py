@@ -42,11 +42,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_t2i.config import ConfigError
+from megatron_t2i.model.keys import vocab_parameters
 from megatron_t2i.vocab import VocabLayout
 
 _PARAMETER_GROUPS = ("embeddings", "output_layer", "attention", "mlp", "norms")
-_WORD_EMBEDDING = "embedding.word_embeddings.weight"
-_OUTPUT_LAYER = "output_layer.weight"
 
 
 class FreezeError(ConfigError):
@@ -101,6 +100,8 @@ class FrozenRows:
 class FreezePlan:
     groups: tuple[str, ...]
     rows: list[FrozenRows]
+    # this rank's vocabulary tables by parameter name (model/keys.py finds them)
+    table_names: tuple[str, ...] = ()
 
     def optimizer_overrides(self, optimizer_config) -> dict | None:
         """megatron-core `config_overrides` for get_megatron_optimizer: None (its defaults)
@@ -112,7 +113,7 @@ class FreezePlan:
         from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
         overrides = get_standard_config_overrides(optimizer_config)
-        key = ParamKey(name=(f"*{_WORD_EMBEDDING}", f"*{_OUTPUT_LAYER}"))
+        key = ParamKey(name=tuple(f"*{name}" for name in self.table_names))
         overrides[key] = ParamGroupOverride(wd_mult=0.0)
         return overrides
 
@@ -132,15 +133,19 @@ def apply_freeze(chunks: Sequence[torch.nn.Module], freeze: Sequence[str],
     """Set requires_grad=False on the frozen groups of this rank's chunks (before DDP and the
     optimizer are built) and find this rank's frozen vocabulary rows."""
     rows: list[FrozenRows] = []
+    tables: list[str] = []
     for chunk in chunks:
+        vocab = vocab_parameters(chunk).values()
         for name, param in chunk.named_parameters():
+            is_table = any(param is t for t in vocab)
+            if is_table:
+                tables.append(name.replace("module.", ""))
             if is_frozen(name, freeze):
                 param.requires_grad_(False)
-            elif "text_rows" in freeze and name.replace("module.", "") in (_WORD_EMBEDDING,
-                                                                          _OUTPUT_LAYER):
+            elif "text_rows" in freeze and is_table:
                 rows.append(_text_rows(name, param, layout.text_size, padded_vocab_size))
     _check_something_trains(chunks, freeze)
-    return FreezePlan(tuple(freeze), [r for r in rows if r.stop > r.start])
+    return FreezePlan(tuple(freeze), [r for r in rows if r.stop > r.start], tuple(tables))
 
 
 def _text_rows(name: str, param: torch.nn.Parameter, text_size: int,
@@ -206,4 +211,4 @@ def count_parameters(chunks: Sequence[torch.nn.Module], plan: FreezePlan,
 def _counted_elsewhere(name: str, param: torch.nn.Parameter, tp_rank: int) -> bool:
     if tp_rank > 0 and not getattr(param, "tensor_model_parallel", False):
         return True
-    return name.endswith(_OUTPUT_LAYER) and getattr(param, "shared_embedding", False)
+    return parameter_group(name) == "output_layer" and getattr(param, "shared_embedding", False)

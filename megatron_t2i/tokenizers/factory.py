@@ -56,10 +56,11 @@ def load_text_tokenizer(kind: str, path: str | Path, **options: Any) -> TextToke
                      f"{list(TEXT_KINDS) + ['auto']}")
 
 
-def load_image_tokenizer(kind: str, path: str | Path) -> ImageTokenizer:
+def load_image_tokenizer(kind: str, path: str | Path, **options: Any) -> ImageTokenizer:
     """kind: 'kmeans' (a KMeansPatchVQ .npz), 'movqgan' (a MoVQGAN checkpoint) or 'vqvae'
-    (a VQVAETokenizer .safetensors with its .json config beside it)."""
-    return image_tokenizer_loader(kind)(path)
+    (a VQVAETokenizer .safetensors with its .json config beside it). options go to the
+    loader (MoVQGAN: batch_size, device)."""
+    return image_tokenizer_loader(kind)(path, **options)
 
 
 def image_tokenizer_loader(kind: str) -> Callable[[str | Path], ImageTokenizer]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from megatron_t2i.training.plots import load_run, series
+from megatron_t2i.training.run_log import load_run, series
 
 # (metric, legend, colour)
 CURVES = (("loss_text", "train text", (214, 96, 28)),

@@ -36,7 +36,7 @@ from megatron_t2i.training.flops import flops_per_iteration
 from megatron_t2i.training.loss import present_losses, reduce_on_last_stage
 from megatron_t2i.training.loss_plot import write_loss_plot
 from megatron_t2i.training.metrics import MetricsLogger, Throughput
-from megatron_t2i.training.plots import PlotError
+from megatron_t2i.training.run_log import PlotError
 from megatron_t2i.training.runtime import padded_vocab_size, start_runtime
 from megatron_t2i.training.sampling import TrainingSampler
 

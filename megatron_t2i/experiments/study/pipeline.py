@@ -34,9 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_t2i.study.data import CODEBOOK_SIZE, DataScale, StudyData, prepare_study_data
+from megatron_t2i.experiments.study.data import (
+    CODEBOOK_SIZE,
+    DataScale,
+    StudyData,
+    prepare_study_data,
+)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONFIGS = REPO / "configs" / "mini_study"
 FORGETTING_POINTS = (0.05, 0.25, 1.0)  # fractions of text-to-image training
 TEXT_WINDOW = 128  # held-out English windows: the LM's sequence length, for every model
@@ -179,7 +184,7 @@ def _align_steps(out: Path, data: StudyData, scale: Scale, seed: int, py: str) -
     """Contrastive alignment of the image codes to the LM's text table, and (the control) to
     a random table of the same shape, mean and spread."""
     table = out / "align" / f"random_table_s{seed}.safetensors"
-    make = ("from megatron_t2i.study.pipeline import write_random_table; import sys; "
+    make = ("from megatron_t2i.experiments.study.pipeline import write_random_table; import sys; "
             "write_random_table(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
     steps = [Step(f"random_table_s{seed}", (py, "-c", make, str(checkpoint(out, "lm")),
                                             str(table), str(seed)), ("lm",), str(table))]
@@ -200,7 +205,7 @@ def write_random_table(lm_checkpoint: str, path: str, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from megatron_t2i.alignment.contrastive import load_text_embeddings
+    from megatron_t2i.experiments.alignment.contrastive import load_text_embeddings
 
     table = load_text_embeddings(lm_checkpoint)
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -302,7 +307,7 @@ def run_study(out: Path, quick: bool = False, jobs: int | None = None,
               resume: bool = True, corpus: str | None = None) -> dict:
     """Data, every run, and the report; returns the summary (also in out/summary.json).
     `corpus="shapes"` runs the positive control (the synthetic shapes) instead."""
-    from megatron_t2i.study.report import write_report
+    from megatron_t2i.experiments.study.report import write_report
 
     if importlib.util.find_spec("matplotlib") is None:  # the figures, at the very end
         raise StudyError("the mini-study draws its figures with matplotlib: "

@@ -1,6 +1,6 @@
 """Fashion-MNIST mosaics with compositional captions: the mini-study's corpus of real images.
 
-    from megatron_t2i.study import fashion
+    from megatron_t2i.experiments.study import fashion
     images, labels = fashion.load_fashion_mnist()           # uint8 (70000, 28, 28), int64
     facts = fashion.build_mosaic_corpus(Path("mosaics"),
                                         counts={"train": 2000, "valid": 200, "test": 200})
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_t2i.study.debian import ensure_debian_data
+from megatron_t2i.experiments.study.debian import ensure_debian_data
 
 PACKAGE = "dataset-fashion-mnist"
 FOLDER = Path("/usr/share/datasets/fashion-mnist")

@@ -51,7 +51,6 @@ ROWS_FILE = "image_rows.safetensors"
 ROWS_TENSOR = "word_embeddings"  # the name resize_vocab's `--init file` reads
 METRICS_FILE = "alignment_metrics.jsonl"
 NEAREST_FILE = "nearest_text_tokens.json"
-CHECKPOINT_TABLE = "embedding.word_embeddings.weight"
 
 
 class AlignmentError(ValueError):
@@ -108,10 +107,11 @@ def load_text_embeddings(path: str | Path, tensor_name: str | None = None) -> to
 def _table_from_checkpoint(path: Path) -> torch.Tensor:
     from megatron_t2i.checkpoint.io import CheckpointReader
     from megatron_t2i.checkpoint.layout import CheckpointError
+    from megatron_t2i.model.keys import vocab_table_keys
 
     try:
         reader = CheckpointReader(path)
-        table = reader.read(CHECKPOINT_TABLE)
+        table = reader.read(vocab_table_keys()[0])
     except CheckpointError as e:
         raise AlignmentError(f"text embeddings: {e}") from None
     if "vocab" in reader.meta:  # only the text rows: image rows and padding are not text

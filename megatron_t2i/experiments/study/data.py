@@ -103,7 +103,7 @@ def _layout(out: Path, scale: DataScale) -> StudyData:
 # ---- text ---------------------------------------------------------------------------------
 
 def _english(data: StudyData, scale: DataScale, seed: int) -> dict[str, Any]:
-    from megatron_t2i.study import english
+    from megatron_t2i.experiments.study import english
     from megatron_t2i.tokenizers.text import SentencePieceTokenizer
 
     corpus = english.build_english_corpus(scale.english_chars)
@@ -156,7 +156,7 @@ def _images(folder: Path, scale: DataScale, seed: int) -> tuple[np.ndarray, dict
     """`folder/{train,valid,test}.jsonl` + PNGs; returns the training images (for the image
     tokenizer) and the counts, with the documents shared between splits."""
     if scale.corpus == "fashion":
-        from megatron_t2i.study import fashion
+        from megatron_t2i.experiments.study import fashion
 
         counts = fashion.build_mosaic_corpus(folder, counts=scale.mosaics, seed=seed)
         duplicates = fashion.count_split_duplicates(folder)

@@ -6,22 +6,15 @@ One PNG per metric (every run a line: e.g. image loss against tokens seen for pr
 random init), plus `overview.png` with the throughput-dashboard panels side by side.
 `tools/plot_run.py` is the command line.
 
-A run directory holds `metrics.jsonl` (training/metrics.py) and `config.yaml` (for the
-sequence length that turns consumed samples into tokens). A resumed run may log an iteration
-twice (it restarted from a checkpoint older than its last logged line): the later line wins.
-NaN/Inf were written as null and leave a gap.
+Runs are read by training/run_log.py (`metrics.jsonl` and the sequence length from
+`config.yaml`, which turns consumed samples into tokens).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
-from typing import Literal
 
-import yaml
-
-XAxis = Literal["iteration", "samples", "tokens"]
+from megatron_t2i.training.run_log import PlotError, Run, XAxis, load_run, series
 
 # The throughput dashboard's panels, in order: (metric, title). Validation losses are
 # "valid/<name>".
@@ -39,71 +32,6 @@ PANELS = (
     ("data_wait_fraction", "data wait (fraction of iteration)"),
 )
 _X_LABELS = {"iteration": "iteration", "samples": "samples seen", "tokens": "tokens seen"}
-
-
-class PlotError(ValueError):
-    """A run directory or option that cannot be plotted; the message names it."""
-
-
-@dataclasses.dataclass
-class Run:
-    label: str
-    records: dict[str, list[dict]]  # split ("train" | "valid") -> records by iteration
-    seq_length: int | None
-
-
-def load_run(run_dir: str | Path, label: str | None = None) -> Run:
-    """Read `<run_dir>/metrics.jsonl` (and the sequence length from its config.yaml)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise PlotError(f"{run_dir}: no metrics.jsonl (is it a training run directory?)")
-    by_split: dict[str, dict[int, dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            iteration = int(record["iteration"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise PlotError(f"{path}:{number}: not a metrics record ({e})") from None
-        by_split.setdefault(record.get("split", "train"), {})[iteration] = record
-    records = {split: [r[i] for i in sorted(r)] for split, r in by_split.items()}
-    return Run(label or run_dir.name, records, _seq_length(run_dir / "config.yaml"))
-
-
-def _seq_length(config: Path) -> int | None:
-    if not config.is_file():
-        return None
-    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-    return model.get("seq_length")
-
-
-def series(run: Run, metric: str, x: XAxis = "iteration") -> tuple[list[float], list[float]]:
-    """(x, y) of one metric: `valid/<name>` reads validation records; nulls are left out."""
-    split, name = metric.split("/", 1) if "/" in metric else ("train", metric)
-    xs, ys = [], []
-    for record in run.records.get(split, []):
-        if record.get(name) is None:
-            continue
-        xs.append(_x_value(run, record, x))
-        ys.append(float(record[name]))
-    return xs, ys
-
-
-def _x_value(run: Run, record: dict, x: XAxis) -> float:
-    if x == "iteration":
-        return record["iteration"]
-    samples = record.get("consumed_samples")
-    if samples is None:
-        raise PlotError(f"run {run.label}: --x {x} needs consumed_samples, which this run's "
-                        f"metrics.jsonl does not have")
-    if x == "samples":
-        return samples
-    if run.seq_length is None:
-        raise PlotError(f"run {run.label}: --x tokens needs model.seq_length from the run's "
-                        f"config.yaml, which is missing")
-    return samples * run.seq_length
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, x: XAxis = "iteration",

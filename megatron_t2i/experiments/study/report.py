@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from megatron_t2i.study import stats
-from megatron_t2i.study.data import StudyData
-from megatron_t2i.study.pipeline import (
+from megatron_t2i.experiments.study import stats
+from megatron_t2i.experiments.study.data import StudyData
+from megatron_t2i.experiments.study.pipeline import (
     Scale,
     Step,
     arms,
@@ -238,7 +238,7 @@ def retrieval(rows_path: Path, table_path: Path, valid_prefix: str,
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from megatron_t2i.alignment.contrastive import load_text_embeddings, read_pairs
+    from megatron_t2i.experiments.alignment.contrastive import load_text_embeddings, read_pairs
 
     rows = next(iter(load_file(str(rows_path)).values())).float()
     table = load_text_embeddings(table_path)

@@ -1,7 +1,7 @@
 """Real English text available offline: WordNet 3.0's glosses, fortunes and the docstrings of
 Python's standard library.
 
-    from megatron_t2i.study import english
+    from megatron_t2i.experiments.study import english
     corpus = english.build_english_corpus(max_chars=300_000)  # .train / .held_out paragraphs
     english.write_english_corpus(corpus, out)       # train.jsonl, held_out.txt
     english.shuffle_words(text, seed)               # the word-shuffled control LM's text
@@ -44,8 +44,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_t2i.study.debian import ensure_debian_data
-from megatron_t2i.study.fashion import CLASS_NAMES
+from megatron_t2i.experiments.study.debian import ensure_debian_data
+from megatron_t2i.experiments.study.fashion import CLASS_NAMES
 
 _SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idle_test",
                     "__pycache__", "lib2to3"}

@@ -221,7 +221,7 @@ def release_engine(trainer: Any) -> None:
 
 def bench_peer(cfg: Config, trainer: Any, opts: BenchOptions) -> dict[str, Any]:
     """Time the HF peer on the engine's data stream (same microbatches per step)."""
-    from megatron_t2i.bench.hf_peer import HFPeer
+    from megatron_t2i.experiments.bench.hf_peer import HFPeer
 
     device = trainer.platform.device()
     reset_peak_memory(device)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                                         *args.overrides])
         validate(cfg, world_size)
         if args.peer:
-            from megatron_t2i.bench.hf_peer import peer_differences
+            from megatron_t2i.experiments.bench.hf_peer import peer_differences
 
             peer_differences(cfg.model)  # refuse an architecture Llama cannot express early
     except ValueError as e:  # ConfigError and PeerUnsupported
