@@ -88,15 +88,17 @@ def train_env(**extra: str) -> dict[str, str]:
 
 def run_train(run_dir: Path, corpus: Path, nproc: int = 1, overrides: list[str] = (),
               env: dict[str, str] | None = None, check: bool = True,
-              timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun -m megatron_t2i.train` (or plain python for one process) on the tiny config."""
+              timeout: float = 300, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun -m megatron_t2i.train` (or plain python for one process) on the tiny config;
+    `script`: a wrapper of that entry point instead (tests/scripts/train_with_fault.py)."""
     args = ["--config", str(REPO / "configs/demo.yaml"), *TINY,
             f"train.run_dir={run_dir}", f"data.cache_dir={corpus}", *overrides]
+    entry = [str(script)] if script is not None else ["-m", "megatron_t2i.train"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_t2i.train", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "megatron_t2i.train", *args]
+               f"--nproc_per_node={nproc}", *entry, *args]
     # a session of its own: a timeout (or the job's own fault injection) ends every process
     # of the job, helpers that hold the output pipes included
     with subprocess.Popen(cmd, cwd=REPO, env=env or train_env(), stdout=subprocess.PIPE,

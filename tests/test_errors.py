@@ -213,7 +213,8 @@ def test_rank_killed_mid_save_leaves_no_writer_process(tmp_path: Path, corpus_di
     marker = f"T2I_ORPHAN_TEST={tmp_path}"
     env = train_env(MEGATRON_T2I_KILL_AT="writer@2", T2I_ORPHAN_TEST=str(tmp_path))
     proc = run_train(tmp_path, corpus_dir, check=False, env=env, timeout=120, overrides=[
-        "train.train_iters=3", "checkpoint.save_interval=1"])
+        "train.train_iters=3", "checkpoint.save_interval=1"],
+        script=REPO / "tests/scripts/train_with_fault.py")
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "1"
     assert (tmp_path / "checkpoints" / "iter_0000002.tmp").exists()  # killed mid-save

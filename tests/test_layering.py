@@ -33,15 +33,6 @@ TOP = 3
 NAMES = {0: "foundation", 1: "tokenizers/data/model", 2: "training/eval/checkpoint",
          3: "applications"}
 
-# Known violations in files other engineers are rewriting in this round (issue 13 items 1
-# and 2); the lead empties these lists after merging their work.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # 13a (engine seam): the trainer and the DeepSpeed engine import each other
-    frozenset({"megatron_t2i.training.trainer", "megatron_t2i.training.deepspeed_engine"}),
-}
-KNOWN_UPWARD: set[tuple[str, str]] = set()
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -146,23 +137,14 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 
 def test_no_import_cycle_inside_the_package():
-    found = [c for c in cycles(import_graph()) if frozenset(c) not in KNOWN_CYCLES]
+    found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)
 
 
 def test_no_layer_imports_a_layer_above_it():
-    found = sorted(upward_imports(import_graph()) - KNOWN_UPWARD)
+    found = sorted(upward_imports(import_graph()))
     assert not found, "upward imports: " + "; ".join(
         f"{a} ({NAMES[layer(a)]}) imports {b} ({NAMES[layer(b)]})" for a, b in found)
-
-
-def test_known_violations_still_exist():
-    """A listed violation that is gone must leave the list, so the list never hides one."""
-    graph = import_graph()
-    present = {frozenset(c) for c in cycles(graph)}
-    assert KNOWN_CYCLES <= present, f"fixed, remove from KNOWN_CYCLES: {KNOWN_CYCLES - present}"
-    gone = KNOWN_UPWARD - upward_imports(graph)
-    assert not gone, f"fixed, remove from KNOWN_UPWARD: {sorted(gone)}"
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import read_metrics, run_train, train_env
+from conftest import REPO, read_metrics, run_train, train_env
 
 FOUR = ["train.train_iters=4"]
+FAULT_SCRIPT = REPO / "tests/scripts/train_with_fault.py"  # kills the job at a given point
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_resume_under_another_layout(nproc, layout, tmp_path_factory, corpus_dir
 def test_latest_survives_a_save_killed_half_way(tmp_path, corpus_dir, uninterrupted):
     overrides = FOUR + ["checkpoint.save_interval=2"]
     proc = run_train(tmp_path, corpus_dir, overrides=overrides, check=False,
-                     env=train_env(MEGATRON_T2I_KILL_AT="save@4"))
+                     env=train_env(MEGATRON_T2I_KILL_AT="save@4"), script=FAULT_SCRIPT)
     assert proc.returncode != 0
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "2"

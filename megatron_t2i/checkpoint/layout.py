@@ -25,15 +25,15 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core import parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.files import publish_folder, staged_folder, write_text_atomic
@@ -172,7 +172,6 @@ def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
     """Collective, once every rank has written its part into `iter_N.tmp/`: rank 0 writes
     meta.json and the manifest, renames the folder to `iter_N/` and only then rewrites
     `latest`."""
-    fault_point(f"save@{state.iteration}")
     dist.barrier()
     final = iteration_dir(root, state.iteration)
     if dist.get_rank() == 0:
@@ -186,13 +185,20 @@ def publish_save(root: Path, state: TrainState, meta: dict[str, Any]) -> Path:
     return final
 
 
-def fault_point(where: str) -> None:
-    """Fault injection for the crash-safety tests: MEGATRON_T2I_KILL_AT=save@N SIGKILLs the
-    job's whole process group (launcher, ranks, dist_checkpointing's helper processes) while
-    saving iteration N, after the shards are written and before the save is published, as a
-    node failure would."""
-    if os.environ.get("MEGATRON_T2I_KILL_AT") == where:
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+def publish_checkpoint(root: Path, state: TrainState, meta: dict[str, Any],
+                       write: Callable[[Path], dict[str, Any]]) -> Path:
+    """Collective, a whole save: `write` puts this rank's part (an engine's state) into
+    `iter_N.tmp/` and returns what meta.json adds about it; then `publish_save`. A full disk
+    becomes a one-line CheckpointError, and `latest` stays on the last complete save."""
+    tmp = begin_save(root, state.iteration)
+    try:
+        written = write(tmp)
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        full = disk_full_error(e, tmp, root)
+        if full is None:
+            raise
+        raise full from None
+    return publish_save(root, state, dict(meta, **written))
 
 
 # What a full disk looks like once it has come through megatron-core's writer processes and

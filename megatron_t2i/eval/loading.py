@@ -4,10 +4,10 @@
 
 The checkpoint's meta.json holds the config it was trained with; its `parallel` section is
 replaced by the evaluation's (TP, PP, no virtual pipeline, data parallel = the rest of the
-world), the model is built with the trainer's own code (model/gpt.py) and the weights are read
-with dist_checkpointing, which reshards them to the evaluation's layout (the EMA weights when
-the run kept them, train.ema_decay). Run several processes
-under torchrun; one process needs no launcher.
+world), the runtime (platform, process groups, seed) and the model are built by the trainer's
+own code (training/runtime.py) and the weights are read with dist_checkpointing, which
+reshards them to the evaluation's layout (the EMA weights when the run kept them,
+train.ema_decay). Run several processes under torchrun; one process needs no launcher.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 
-from megatron_t2i.checkpoint.layout import CheckpointError, read_meta, resolve_folder
+from megatron_t2i.checkpoint.layout import read_meta, resolve_folder
 from megatron_t2i.checkpoint.trust import check_before_load
 from megatron_t2i.config import (
     Config,
@@ -29,12 +28,13 @@ from megatron_t2i.config import (
     validate,
     world_size_from_env,
 )
-from megatron_t2i.distributed import destroy_distributed, init_distributed
-from megatron_t2i.model.gpt import build_model_chunks
+from megatron_t2i.distributed import destroy_distributed
 from megatron_t2i.platform import Platform, select_platform
 from megatron_t2i.tokenizers.image import ImageTokenizer
 from megatron_t2i.tokenizers.text import TextTokenizer
 from megatron_t2i.training import checkpointing
+from megatron_t2i.training.ema import load_averaged_weights
+from megatron_t2i.training.runtime import padded_vocab_size, start_runtime
 from megatron_t2i.vocab import VocabLayout
 
 
@@ -70,21 +70,12 @@ def load_for_eval(checkpoint_path: str | Path, tp: int = 1, pp: int = 1, device:
     meta = read_meta(folder)
     checkpointing.check_engine(folder, meta, "megatron")
     cfg = eval_config(meta, tp, pp, device)
-    padded = int(meta["padded_vocab_size"])
-    if padded % tp:
-        raise CheckpointError(
-            f"checkpoint {folder} has {padded} vocabulary rows, which TP={tp} cannot divide")
     layout = VocabLayout.from_dict(meta["vocab"])
-    platform = eval_platform(cfg)
-    if not parallel_state.model_parallel_is_initialized():
-        init_distributed(cfg.parallel, platform.device_type)
-    torch.manual_seed(cfg.train.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    chunks = build_model_chunks(cfg, padded, platform.is_cuda)
+    padded = padded_vocab_size(cfg, layout, folder)  # the checkpoint's, checked against TP
+    runtime = start_runtime(cfg)  # the trainer's: platform, process groups, seed
+    chunks = runtime.build_model(padded)
     checkpointing.load_model_weights(folder, chunks, layout, padded, verify=False)  # hashed
     if meta.get("has_ema"):  # train.ema_decay: evaluate and sample the averaged weights
-        from megatron_t2i.training.ema import load_averaged_weights
-
         load_averaged_weights(folder, chunks)
     for chunk in chunks:
         chunk.eval()

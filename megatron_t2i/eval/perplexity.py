@@ -12,33 +12,37 @@ function, the per-sequence log-likelihoods of multiple-choice tasks (forgetting.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_t2i.config import Config
 from megatron_t2i.data.documents import make_sample, make_text_document
 from megatron_t2i.data.loader import build_data_pipeline, collate
 from megatron_t2i.tokenizers.text import TextTokenizer
-from megatron_t2i.training.loss import masked_loss, reduce_reports
+from megatron_t2i.training.forward import LossForBatch, forward_backward
+from megatron_t2i.training.loss import (
+    REPORT_KEYS,
+    broadcast_from_last_stage,
+    modality_loss,
+    reduce_on_last_stage,
+)
 from megatron_t2i.vocab import VocabLayout
 
+__all__ = ["broadcast_from_last_stage", "forward_reports", "modality_loss",
+           "modality_perplexity"]
+
 Sample = dict[str, torch.Tensor]  # tokens, labels, loss_mask, modality: each [seq_length]
-# loss_for_batch(per-token loss [b, s], batch) -> (loss sum, token count, report dict)
-LossForBatch = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple]
 
 
 def forward_reports(chunks: list[torch.nn.Module], samples: Sequence[Sample],
                     micro_batch_size: int, loss_for_batch: LossForBatch,
                     device: torch.device) -> list[dict]:
-    """Run this rank's samples forward-only through the pipeline schedule.
+    """Run this rank's samples forward-only through the training forward step and schedule.
 
     All samples must have one length (the schedule's p2p buffers are sized from it); the
     count is padded to whole microbatches with samples whose loss mask is zero. Returns the
@@ -50,28 +54,14 @@ def forward_reports(chunks: list[torch.nn.Module], samples: Sequence[Sample],
     padded = list(samples) + [_empty_like(samples[0])] * (-len(samples) % micro_batch_size)
     batches = iter([collate(padded[i:i + micro_batch_size], device)
                     for i in range(0, len(padded), micro_batch_size)])
-    step = functools.partial(_forward_step, loss_for_batch)
     with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=batches, model=chunks,
-            num_microbatches=len(padded) // micro_batch_size, seq_length=seq_length,
-            micro_batch_size=micro_batch_size, forward_only=True)
-
-
-def _forward_step(loss_for_batch: LossForBatch, data_iterator, model: torch.nn.Module):
-    batch = next(data_iterator)
-    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                   attention_mask=None, labels=batch["labels"])
-    return output, functools.partial(loss_for_batch, batch=batch)
+        return forward_backward(chunks, [batches], len(padded) // micro_batch_size,
+                                seq_length, micro_batch_size, forward_only=True,
+                                loss_for_batch=loss_for_batch)
 
 
 def _empty_like(sample: Sample) -> Sample:
     return {k: torch.zeros_like(v) for k, v in sample.items()}
-
-
-def modality_loss(per_token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple:
-    """The training loss function (text and image apart)."""
-    return masked_loss(per_token_loss, batch["loss_mask"], batch["modality"])
 
 
 def data_parallel_share(samples: Sequence[Sample]) -> list[Sample]:
@@ -83,30 +73,14 @@ def data_parallel_share(samples: Sequence[Sample]) -> list[Sample]:
     return share + [_empty_like(samples[0])] * (per_rank - len(share))
 
 
-def broadcast_from_last_stage(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every pipeline stage gets the last stage's values (same shape on every stage)."""
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        values = values.to(device)
-        dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    return values.cpu()
-
-
-_KEYS = ("loss", "loss_text", "loss_image", "loss_tokens", "loss_text_tokens",
-         "loss_image_tokens")
-
-
 def modality_perplexity(chunks: list[torch.nn.Module], samples: Sequence[Sample],
                         micro_batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean losses and perplexities over all samples (all DP ranks together)."""
+    """Mean losses and perplexities over all samples (all DP ranks together): the training
+    loss and its last-stage reduction (training/loss.py)."""
     reports = forward_reports(chunks, data_parallel_share(samples), micro_batch_size,
                               modality_loss, device)
-    values = torch.zeros(len(_KEYS), dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        means = reduce_reports(reports, parallel_state.get_data_parallel_group())
-        values = torch.tensor([means[k] for k in _KEYS], dtype=torch.float64)
-    out = dict(zip(_KEYS, broadcast_from_last_stage(values, device).tolist()))
-    for key in ("loss", "loss_text", "loss_image"):
+    out = reduce_on_last_stage(reports, device)
+    for key in REPORT_KEYS:
         if out[f"{key}_tokens"]:
             out[key.replace("loss", "ppl")] = math.exp(out[key])
         else:  # no such tokens (e.g. images in a text file): null in the JSON report

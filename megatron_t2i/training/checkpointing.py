@@ -19,15 +19,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_t2i.checkpoint.layout import (
     CheckpointError,
     TrainState,
-    begin_save,
-    disk_full_error,
     parallel_layout,
-    publish_save,
+    publish_checkpoint,
     read_meta,
 )
 from megatron_t2i.checkpoint.trust import check_before_load
@@ -68,7 +65,17 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
                     extras: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Returns the final folder. `extras`: more sharded
     state dicts by top-level key (the EMA weights, training/ema.py)."""
-    tmp = begin_save(root, state.iteration)
+    def write(tmp: Path) -> dict[str, Any]:
+        return write_sharded(tmp, state, chunks, optimizer, scheduler, save_optimizer, extras)
+
+    return publish_checkpoint(root, state, meta, write)
+
+
+def write_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
+                  scheduler, save_optimizer: bool = True,
+                  extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Collective: model, optimizer, scheduler, RNG and train state into `folder` with
+    dist_checkpointing; returns what meta.json records about it."""
     sharded = model_sharded_state_dict(chunks)
     if save_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
@@ -78,15 +85,9 @@ def save_checkpoint(root: Path, state: TrainState, chunks: list[torch.nn.Module]
     sharded["rng_state"] = _rng_sharded_object(is_loading=False)
     sharded["iteration"] = state.iteration
     sharded["consumed_samples"] = state.consumed_samples
-    try:
-        with writers_die_with_rank(state.iteration):  # no orphaned writer processes
-            dist_checkpointing.save(sharded, str(tmp), content_metadata=OPTIM_METADATA)
-    except (Exception, CheckpointException) as e:  # the latter is a BaseException
-        full = disk_full_error(e, tmp, root)
-        if full is None:
-            raise
-        raise full from None
-    return publish_save(root, state, dict(meta, has_optimizer=save_optimizer))
+    with writers_die_with_rank():  # no orphaned writer processes
+        dist_checkpointing.save(sharded, str(folder), content_metadata=OPTIM_METADATA)
+    return {"has_optimizer": save_optimizer}
 
 
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,
@@ -96,10 +97,27 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
     """Load model (resharded as needed), optimizer, scheduler, RNG and the train state.
     `extras` (sharded state dicts by top-level key, as saved) are replaced in place by the
     loaded values."""
-    check_before_load(folder, verify)
+    meta = check_checkpoint(folder, layout, padded_vocab_size, verify)
+    return load_sharded(folder, meta, chunks, optimizer, scheduler, load_optimizer,
+                        extras), meta
+
+
+def check_checkpoint(folder: Path, layout: VocabLayout, padded_vocab_size: int,
+                     verify: bool = True, engine: str = "megatron") -> dict[str, Any]:
+    """Before anything is loaded: the files whole and every pickle safe (checkpoint/trust.py;
+    DeepSpeed's folders hold no DCP metadata), written by this engine, for this vocabulary.
+    Returns meta.json."""
+    check_before_load(folder, verify, dcp=engine == "megatron")
     meta = read_meta(folder)
-    check_engine(folder, meta, "megatron")
+    check_engine(folder, meta, engine)
     check_vocab(folder, meta, layout, padded_vocab_size)
+    return meta
+
+
+def load_sharded(folder: Path, meta: dict[str, Any], chunks: list[torch.nn.Module], optimizer,
+                 scheduler, load_optimizer: bool = True,
+                 extras: dict[str, Any] | None = None) -> TrainState:
+    """The loading half of load_checkpoint, for a folder check_checkpoint passed."""
     same_layout = _same_parallel_layout(meta.get("parallel", {}))
     sharded = model_sharded_state_dict(chunks)
     with_optimizer = load_optimizer and meta.get("has_optimizer", False)
@@ -128,21 +146,16 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
         restore_rng(loaded["rng_state"])
-    return TrainState(int(loaded["iteration"]), int(loaded["consumed_samples"])), meta
+    return TrainState(int(loaded["iteration"]), int(loaded["consumed_samples"]))
 
 
 def load_model_weights(folder: Path, chunks: list[torch.nn.Module], layout: VocabLayout,
                        padded_vocab_size: int, verify: bool = True) -> None:
     """Only the model tensors (resharded to this run's TP/PP), e.g. a pretrained init."""
-    check_before_load(folder, verify)
-    meta = read_meta(folder)
-    check_engine(folder, meta, "megatron")
-    check_vocab(folder, meta, layout, padded_vocab_size)
+    check_checkpoint(folder, layout, padded_vocab_size, verify)
     with torch.no_grad():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(folder))
     _apply_model(chunks, loaded)
-
-
 
 
 def _apply_model(chunks: list[torch.nn.Module], loaded: dict[str, Any]) -> None:

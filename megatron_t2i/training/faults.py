@@ -118,9 +118,9 @@ def check_loss(report: dict[str, float], iteration: int, consumed_samples: int) 
     Every rank holds the same reduced losses, so every rank reaches the same verdict without
     another collective.
     """
-    bad = [name for name in ("loss", "loss_text", "loss_image")
-           if name in report and not math.isfinite(report[name])
-           and report.get(f"{name}_tokens", 1) > 0]
+    # the losses are the keys with a token count beside them (training/loss.py REPORT_KEYS)
+    bad = [name for name in report if f"{name}_tokens" in report
+           and not math.isfinite(report[name]) and report[f"{name}_tokens"] > 0]
     if not bad:
         return None
     values = ", ".join(f"{name}={report[name]}" for name in bad)

@@ -15,8 +15,18 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
+# The losses every report, log line, dashboard and evaluation names; each has a token count
+# `<key>_tokens` beside it.
 REPORT_KEYS = ("loss", "loss_text", "loss_image")
+TOKEN_KEYS = tuple(f"{key}_tokens" for key in REPORT_KEYS)
+
+
+def modality_loss(per_token_loss: torch.Tensor, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """`masked_loss` over a collated batch: the loss function training and evaluation share."""
+    return masked_loss(per_token_loss, batch["loss_mask"], batch["modality"])
 
 
 def masked_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
@@ -57,3 +67,42 @@ def present_losses(report: dict[str, float]) -> dict[str, float]:
     and W&B rather than logged as NaN. The token counts stay."""
     return {k: v for k, v in report.items()
             if k.endswith("_tokens") or report.get(f"{k}_tokens", 1) > 0}
+
+
+def reduce_z_loss(reports: list[dict], group: dist.ProcessGroup | None) -> float:
+    """Mean z (training/zloss.py) over the global batch's loss tokens; NaN when it is off."""
+    if not reports or "z" not in reports[0]:
+        return float("nan")
+    sums = torch.stack([r["z"] for r in reports]).sum(dim=0).double()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+
+def reduce_on_last_stage(reports: list[dict], device: torch.device | str,
+                         z_loss: bool = False) -> dict[str, float]:
+    """Loss means and token counts over the global batch, on every rank.
+
+    Only the last pipeline stage holds the microbatch reports: it reduces them over the
+    data-parallel group and broadcasts the result to the other stages. Every key of
+    `REPORT_KEYS` and its `_tokens` count (and `z_loss` when asked) is present; a loss no
+    token counted for is NaN (`present_losses` drops it for the logs)."""
+    keys = [*REPORT_KEYS, *TOKEN_KEYS] + (["z_loss"] if z_loss else [])
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        group = parallel_state.get_data_parallel_group()
+        means = reduce_reports(reports, group)
+        if z_loss:
+            means["z_loss"] = reduce_z_loss(reports, group)
+        values = torch.tensor([means.get(k, float("nan")) for k in keys], dtype=torch.float64)
+    values = broadcast_from_last_stage(values, device)
+    return dict(zip(keys, values.tolist()))
+
+
+def broadcast_from_last_stage(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Every pipeline stage gets the last stage's values (same shape on every stage)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        values = values.to(device)
+        dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return values.cpu()

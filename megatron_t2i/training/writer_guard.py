@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from multiprocessing.managers import SyncManager
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_state: dict = {"saving": None, "parent": 0, "manager": None}
+_state: dict = {"saving": False, "parent": 0, "manager": None}
 
 
 def die_with_parent(parent: int) -> None:
@@ -39,17 +39,8 @@ def _before_fork() -> None:
 
 
 def _in_forked_child() -> None:
-    if _state["saving"] is not None:
+    if _state["saving"]:
         die_with_parent(_state["parent"])
-        _fault_point(f"writer@{_state['saving']}")
-
-
-def _fault_point(where: str) -> None:
-    """Fault injection for the orphan test: MEGATRON_T2I_KILL_AT=writer@N SIGKILLs the rank
-    from the writer processes it forks while saving iteration N, which then go on as if the
-    rank had died under them (a kill -9, the OOM killer)."""
-    if os.environ.get("MEGATRON_T2I_KILL_AT") == where:
-        os.kill(os.getppid(), signal.SIGKILL)
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_in_forked_child)
@@ -69,11 +60,16 @@ def _guard_results_queue() -> None:
 
 
 @contextlib.contextmanager
-def writers_die_with_rank(iteration: int) -> Iterator[None]:
+def writers_die_with_rank() -> Iterator[None]:
     """Around a save: the processes it starts are killed when this rank dies."""
     _guard_results_queue()
-    _state["saving"] = iteration
+    _state["saving"] = True
     try:
         yield
     finally:
-        _state["saving"] = None
+        _state["saving"] = False
+
+
+def saving() -> bool:
+    """True while a save runs under writers_die_with_rank (in its forked writers too)."""
+    return _state["saving"]

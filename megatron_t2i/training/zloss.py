@@ -13,7 +13,7 @@ vocabulary is gathered. The cross entropy is megatron-core's `vocab_parallel_cro
 as in GPTModel's own loss.
 
 Reported as `z_loss`: the mean of logsumexp^2 over the loss tokens of the global batch
-(without the weight), reduced like the other losses.
+(without the weight), reduced like the other losses (training/loss.py reduce_z_loss).
 """
 
 from __future__ import annotations
@@ -49,12 +49,3 @@ def z_loss_func(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
     report["z"] = torch.stack([z_sum.detach(), mask.sum()])
     return total + weight * z_sum, count, report
 
-
-def reduce_z_loss(reports: list[dict], group: dist.ProcessGroup | None) -> float:
-    """Mean z over the global batch's loss tokens; NaN when the z-loss is off."""
-    if not reports or "z" not in reports[0]:
-        return float("nan")
-    sums = torch.stack([r["z"] for r in reports]).sum(dim=0).double()
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")

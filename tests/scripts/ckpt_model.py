@@ -42,7 +42,8 @@ def make(root: str, layout_json: str, tp: int, overrides: list[str]) -> None:
     from megatron_t2i.config import load_config
     from megatron_t2i.model.gpt import build_model_chunks
     from megatron_t2i.training import checkpointing
-    from megatron_t2i.training.trainer import Trainer
+    from megatron_t2i.training.engine import build_scheduler
+    from megatron_t2i.training.megatron_engine import optimizer_config, wrap_ddp
     from megatron_t2i.vocab import VocabLayout
 
     repo = Path(__file__).resolve().parents[2]
@@ -51,12 +52,11 @@ def make(root: str, layout_json: str, tp: int, overrides: list[str]) -> None:
     layout = VocabLayout.load(layout_json)
     padded = layout.padded_size(cfg.model.make_vocab_size_divisible_by, tp)
     _setup(cfg)
-    trainer = Trainer(cfg)  # its DDP / optimizer / scheduler recipes, without data
+    # the megatron engine's DDP / optimizer / scheduler recipes, without data
     chunks = build_model_chunks(cfg, padded, on_cuda=False)
-    model = trainer._wrap_ddp(chunks)
-    optimizer = get_megatron_optimizer(trainer._optimizer_config(), model)
-    trainer.optimizer = optimizer
-    scheduler = trainer._scheduler()
+    model = wrap_ddp(cfg, chunks)
+    optimizer = get_megatron_optimizer(optimizer_config(cfg), model)
+    scheduler = build_scheduler(cfg, optimizer)
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, layout.text_size, (2, cfg.model.seq_length + 1), generator=gen)
     pos = torch.arange(cfg.model.seq_length).expand(2, -1)

@@ -60,7 +60,7 @@ def check(config: str, freeze: list[str], overrides: list[str]) -> dict:
             report = trainer.train_step()
             assert report["skipped"] == 0.0, report
         in_optimizer = {id(p) for p in optimizer_params(trainer.optimizer)}
-        rows = {r.name.replace("module.", ""): (r.start, r.stop) for r in trainer.freeze.rows}
+        rows = {r.name.replace("module.", ""): (r.start, r.stop) for r in trainer.engine.freeze.rows}
         trainable = 0
         for name, p in params:
             if is_frozen(name, freeze):

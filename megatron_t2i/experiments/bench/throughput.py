@@ -211,9 +211,8 @@ def bench_engine(trainer: Any, opts: BenchOptions) -> dict[str, Any]:
 
 def release_engine(trainer: Any) -> None:
     """Drop the engine's model, gradients and optimizer so the peer starts from free memory."""
-    for name in ("optimizer", "scheduler", "model", "chunks"):
-        if hasattr(trainer, name):
-            delattr(trainer, name)
+    if hasattr(trainer, "engine"):
+        del trainer.engine
     trainer.data.set_consumed_samples(0)
     gc.collect()
     if torch.cuda.is_available():
