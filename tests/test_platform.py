@@ -129,6 +129,32 @@ def test_install_is_idempotent() -> None:
     _assert_originals_restored()
 
 
+def test_megatron_core_without_the_private_rng_names_is_refused_untouched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A release outside the supported range that renamed what the layer replaces.
+    monkeypatch.delattr(mrandom, "_set_cuda_rng_state")
+    with pytest.raises(RuntimeError, match=r"_set_cuda_rng_state.*>=0\.16\.1,<0\.20"):
+        select_platform("cpu")
+    assert not cpu_compat_active()
+    assert torch.cuda.current_device is ORIGINAL_CUDA["current_device"]
+    assert torch.empty(2).type() == "torch.FloatTensor"
+
+
+def test_installed_megatron_core_is_in_the_declared_range() -> None:
+    # The range pyproject declares is the one CI tests at both ends (.ci/run).
+    from pathlib import Path
+
+    import megatron.core
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in deps if Requirement(d).name == "megatron-core"]
+    assert str(spec) == "<0.20,>=0.16.1"
+    assert spec.contains(megatron.core.__version__)
+
+
 def test_unknown_device_is_refused_without_installing() -> None:
     with pytest.raises(ValueError, match="tpu"):
         select_platform("tpu")
