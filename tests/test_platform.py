@@ -155,6 +155,23 @@ def test_installed_megatron_core_is_in_the_declared_range() -> None:
     assert spec.contains(megatron.core.__version__)
 
 
+def test_checkpoint_without_common_pt_is_refused_in_one_line_before_0_17(tmp_path) -> None:
+    # megatron-core 0.17+ writes no common.pt; 0.16.x would fail deep in its loader. Runs on
+    # both ends of the range in CI (.ci/smoke_oldest).
+    import megatron.core
+    from packaging.version import Version
+
+    from megatron_t2i.checkpoint.layout import CheckpointError, check_core_format
+
+    if Version(megatron.core.__version__) >= Version("0.17"):
+        check_core_format(tmp_path)  # its own format: nothing to refuse
+    else:
+        with pytest.raises(CheckpointError, match=r"0\.17 or later .* no common\.pt"):
+            check_core_format(tmp_path)
+    (tmp_path / "common.pt").write_bytes(b"")
+    check_core_format(tmp_path)  # a common.pt checkpoint loads on every supported version
+
+
 def test_unknown_device_is_refused_without_installing() -> None:
     with pytest.raises(ValueError, match="tpu"):
         select_platform("tpu")

@@ -103,6 +103,20 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def check_core_format(folder: Path) -> None:
+    """megatron-core 0.17+ keeps a checkpoint's common state inside the torch_dist files and
+    writes no common.pt; 0.16.x reads only common.pt and fails deep inside its loader."""
+    import megatron.core
+    from packaging.version import Version
+
+    version = megatron.core.__version__
+    if (folder / "common.pt").is_file() or Version(version) >= Version("0.17"):
+        return
+    raise CheckpointError(f"{folder}: written by megatron-core 0.17 or later (it has no "
+                          f"common.pt); megatron-core {version} cannot load it: install "
+                          "megatron-core >=0.17,<0.20 (docs/platform.md)")
+
+
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     write_text_atomic(Path(folder) / META_FILE, json.dumps(meta, indent=2) + "\n")
 

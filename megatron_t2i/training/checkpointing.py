@@ -25,6 +25,7 @@ from megatron_t2i.checkpoint.layout import (
     CheckpointError,
     TrainState,
     begin_save,
+    check_core_format,
     disk_full_error,
     parallel_layout,
     publish_save,
@@ -99,6 +100,7 @@ def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, sche
     check_before_load(folder, verify)
     meta = read_meta(folder)
     check_engine(folder, meta, "megatron")
+    check_core_format(folder)
     check_vocab(folder, meta, layout, padded_vocab_size)
     same_layout = _same_parallel_layout(meta.get("parallel", {}))
     sharded = model_sharded_state_dict(chunks)
