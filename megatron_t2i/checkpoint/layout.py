@@ -183,6 +183,9 @@ def fault_point(where: str) -> None:
 # torch's zip writer: an errno in a message, or the zip writer's check of a short write.
 _ENOSPC_TEXT = (os.strerror(errno.ENOSPC), f"[Errno {errno.ENOSPC}]")
 _SHORT_WRITE_TEXT = "unexpected pos"
+# megatron-core 0.17+ re-raises a failed writer process without its cause (the short write is
+# only printed by the worker): on a nearly full filesystem that failure is the full disk.
+_WORKER_FAILURE_TEXT = "Worker failure"
 _NEARLY_FULL_BYTES = 64 * 2**20
 
 
@@ -191,7 +194,8 @@ def disk_full_error(error: BaseException, folder: Path, root: Path) -> Checkpoin
     else None. A short write of the zip writer counts when the filesystem is nearly full."""
     text = " ".join(str(e) for e in _exception_chain(error))
     free = shutil.disk_usage(folder if folder.exists() else root).free
-    short_write = _SHORT_WRITE_TEXT in text and free < _NEARLY_FULL_BYTES
+    short_write = (_SHORT_WRITE_TEXT in text or _WORKER_FAILURE_TEXT in text) \
+        and free < _NEARLY_FULL_BYTES
     if not (short_write or any(t in text for t in _ENOSPC_TEXT)):
         return None
     return CheckpointError(f"no space left on device while writing {folder} ({free:,} bytes "

@@ -1,7 +1,7 @@
 """No orphaned checkpoint writers: the processes a save starts die with their rank.
 
 megatron-core 0.16.1 writes a save's shards from processes it forks (`multiprocessing` "fork"
-context, `FileSystemWriterAsync.write_preloaded_data_multiproc`), which report through a queue
+context, `FileSystemWriterAsync.write_preloaded_data_multiproc`; 0.17+ uses threads), which report through a queue
 served by a Manager process it spawns once per rank (`filesystem_async._results_queue`). After
 a kill -9 of a rank mid-save, both lived on (seen: a writer for 20+ minutes holding ~340 MB,
 the Manager ~270 MB, and with them the job's output pipes). Here every process forked during a
@@ -55,6 +55,22 @@ def _fault_point(where: str) -> None:
 os.register_at_fork(before=_before_fork, after_in_child=_in_forked_child)
 
 
+def _writers_fork() -> bool:
+    """megatron-core 0.16 forks shard-writer processes; 0.17+ writes from threads instead."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync,
+    )
+
+    return hasattr(FileSystemWriterAsync, "write_preloaded_data_multiproc")
+
+
+def _fault_point_in_rank(where: str) -> None:
+    """MEGATRON_T2I_KILL_AT=writer@N where no writer is forked: SIGKILL the rank once the
+    save (its Manager, its `.tmp` folder) has begun."""
+    if os.environ.get("MEGATRON_T2I_KILL_AT") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _guard_results_queue() -> None:
     """Start megatron-core's results-queue Manager ourselves (spawned, like its own), with the
     parent-death signal, before megatron-core starts an unguarded one."""
@@ -73,6 +89,10 @@ def writers_die_with_rank(iteration: int) -> Iterator[None]:
     """Around a save: the processes it starts are killed when this rank dies."""
     _guard_results_queue()
     _state["saving"] = iteration
+    if not _writers_fork():
+        # megatron-core 0.17+ writes a synchronous save from threads of the rank: the only
+        # helper process left to outlive it is the Manager, so the rank itself is the one killed
+        _fault_point_in_rank(f"writer@{iteration}")
     try:
         yield
     finally:
