@@ -1,6 +1,7 @@
 """CUDA + NCCL when GPUs are present; CPU + gloo otherwise.
 
-megatron-core 0.16.1 assumes CUDA in a handful of places (listed in docs/platform.md):
+megatron-core (0.16.1 to 0.19.x, the supported range) assumes CUDA in a handful of places
+(listed in docs/platform.md):
 the RNG tracker, `torch.cuda.current_device()`, hard-coded `device="cuda"` / `.cuda()` in the
 pipeline schedules and p2p code, `torch.cuda.synchronize`, streams and events in DDP, and
 `Tensor.type()` string checks in grad clipping and the optimizers.
@@ -13,7 +14,8 @@ On the CPU platform, `install_cpu_compat()` makes that code run unmodified:
 - megatron-core's private CUDA RNG getters/setters read and write the CPU generator, so the
   RNG tracker keeps its named states there.
 Everything replaced is remembered and put back by `uninstall_cpu_compat()`. It is never
-installed on the CUDA platform.
+installed on the CUDA platform. The two private megatron-core names it replaces are the same,
+with the same signatures, in 0.16.1 and 0.19.2; a release without them is refused in one line.
 """
 
 from __future__ import annotations
@@ -157,8 +159,21 @@ def _cuda_replacements() -> dict[str, Any]:
     }
 
 
+# The private megatron-core functions the layer replaces (megatron.core.tensor_parallel.random).
+MEGATRON_PRIVATE_NAMES = ("_get_cuda_rng_state", "_set_cuda_rng_state")
+
+
 def _megatron_replacements() -> list[tuple[Any, str, Any]]:
+    import megatron.core
     from megatron.core.tensor_parallel import random as mrandom
+
+    missing = [name for name in MEGATRON_PRIVATE_NAMES if not hasattr(mrandom, name)]
+    if missing:
+        # Checked before anything is patched, so a refusal leaves torch.cuda untouched.
+        raise RuntimeError(
+            f"CPU platform: megatron-core {megatron.core.__version__} has no "
+            f"megatron.core.tensor_parallel.random.{', '.join(missing)}; the CPU layer "
+            "supports megatron-core >=0.16.1,<0.20 (docs/platform.md)")
 
     def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
         return torch.get_rng_state()
@@ -185,8 +200,8 @@ def install_cpu_compat() -> None:
     if _installed is not None:
         return
     saved = []
-    targets = [(torch.cuda, name, fn) for name, fn in _cuda_replacements().items()]
-    targets += _megatron_replacements()
+    targets = _megatron_replacements()  # first: it may refuse the installed megatron-core
+    targets += [(torch.cuda, name, fn) for name, fn in _cuda_replacements().items()]
     for module, name, replacement in targets:
         saved.append((module, name, getattr(module, name)))
         setattr(module, name, replacement)

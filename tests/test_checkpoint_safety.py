@@ -55,12 +55,12 @@ def craft_metadata(folder: Path, marker: Path) -> Path:
     return path
 
 
-def craft_object(folder: Path, marker: Path) -> Path:
+def craft_object(folder: Path, marker: Path, fqn: str = EXTRA_STATE) -> Path:
     """A layer's `_extra_state` (loaded by every path) replaced by a crafted one: the new
     bytes are appended to its data file and the metadata points there."""
     md_path = folder / ".metadata"
     metadata = pickle.loads(md_path.read_bytes())
-    index = next(k for k in metadata.storage_data if k.fqn.startswith(EXTRA_STATE))
+    index = next(k for k in metadata.storage_data if k.fqn.startswith(fqn))
     info = metadata.storage_data[index]
     data = folder / info.relative_path
     raw = data.read_bytes()[info.offset:info.offset + info.length]
@@ -83,10 +83,18 @@ def craft_torch_file(path: Path, marker: Path) -> Path:
     return path
 
 
+def craft_common(folder: Path, marker: Path) -> Path:
+    """The common state: `common.pt` (megatron-core 0.16), else the `common_state` sharded
+    object megatron-core 0.17+ keeps inside the DCP files instead."""
+    if (folder / "common.pt").is_file():
+        return craft_torch_file(folder / "common.pt", marker)
+    return craft_object(folder, marker, fqn="common_state")
+
+
 CRAFT = {
     "metadata": craft_metadata,
     "object": craft_object,
-    "common": lambda folder, marker: craft_torch_file(folder / "common.pt", marker),
+    "common": craft_common,
 }
 
 
@@ -126,9 +134,10 @@ def test_the_payloads_are_live(genuine, tmp_path):
     FileSystemReader(str(crafted.parent)).read_metadata()
     assert marker.exists()
     marker.unlink()
-    craft_torch_file(crafted.parent / "common.pt", marker)
-    assert isinstance(torch.load(crafted.parent / "common.pt", weights_only=False), dict)
-    assert marker.exists()
+    if (crafted.parent / "common.pt").is_file():  # megatron-core 0.16 (0.17+: an object)
+        craft_torch_file(crafted.parent / "common.pt", marker)
+        assert isinstance(torch.load(crafted.parent / "common.pt", weights_only=False), dict)
+        assert marker.exists()
 
 
 def test_genuine_and_surgery_output_pass(genuine, tmp_path):

@@ -129,6 +129,49 @@ def test_install_is_idempotent() -> None:
     _assert_originals_restored()
 
 
+def test_megatron_core_without_the_private_rng_names_is_refused_untouched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A release outside the supported range that renamed what the layer replaces.
+    monkeypatch.delattr(mrandom, "_set_cuda_rng_state")
+    with pytest.raises(RuntimeError, match=r"_set_cuda_rng_state.*>=0\.16\.1,<0\.20"):
+        select_platform("cpu")
+    assert not cpu_compat_active()
+    assert torch.cuda.current_device is ORIGINAL_CUDA["current_device"]
+    assert torch.empty(2).type() == "torch.FloatTensor"
+
+
+def test_installed_megatron_core_is_in_the_declared_range() -> None:
+    # The range pyproject declares is the one CI tests at both ends (.ci/run).
+    from pathlib import Path
+
+    import megatron.core
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in deps if Requirement(d).name == "megatron-core"]
+    assert str(spec) == "<0.20,>=0.16.1"
+    assert spec.contains(megatron.core.__version__)
+
+
+def test_checkpoint_without_common_pt_is_refused_in_one_line_before_0_17(tmp_path) -> None:
+    # megatron-core 0.17+ writes no common.pt; 0.16.x would fail deep in its loader. Runs on
+    # both ends of the range in CI (.ci/smoke_oldest).
+    import megatron.core
+    from packaging.version import Version
+
+    from megatron_t2i.checkpoint.layout import CheckpointError, check_core_format
+
+    if Version(megatron.core.__version__) >= Version("0.17"):
+        check_core_format(tmp_path)  # its own format: nothing to refuse
+    else:
+        with pytest.raises(CheckpointError, match=r"0\.17 or later .* no common\.pt"):
+            check_core_format(tmp_path)
+    (tmp_path / "common.pt").write_bytes(b"")
+    check_core_format(tmp_path)  # a common.pt checkpoint loads on every supported version
+
+
 def test_unknown_device_is_refused_without_installing() -> None:
     with pytest.raises(ValueError, match="tpu"):
         select_platform("tpu")

@@ -28,6 +28,15 @@ if [ -z "$venv_torch" ]; then
   venv_torch=$TORCH_VERSION
 fi
 echo "torch==$venv_torch" > .cache/constraints.txt
+# T2I_MCORE_VERSION pins megatron-core (CI: the newest of the supported range). 0.17 and later
+# declare Requires-Python >=3.12 but ship cp311 wheels that run here (docs/platform.md), so the
+# pin is installed alone, without dependencies, and then held by the constraints file.
+if [ -n "${T2I_MCORE_VERSION:-}" ]; then
+  echo "[setup] installing megatron-core==$T2I_MCORE_VERSION"
+  "$VPY" -m pip install -q -c .cache/constraints.txt --no-deps --ignore-requires-python \
+      "megatron-core==$T2I_MCORE_VERSION"
+  echo "megatron-core==$T2I_MCORE_VERSION" >> .cache/constraints.txt
+fi
 spec="."
 case "$extras" in
   test) spec=".[test,wandb,mpi]" ;;
@@ -43,5 +52,12 @@ if [ "$extras" = test ]; then
   # module needs none: installed without dependencies, outside the venv (in the venv it would
   # make `import torchmetrics` fail, which imports torch-fidelity whenever it is installed).
   "$VPY" -m pip install -q --no-deps --upgrade --target .cache/test-packages torch-fidelity==0.4.0
+fi
+# megatron-core 0.19 imports triton unconditionally (pipeline schedules -> MoE paged stash) but
+# does not declare it; a CUDA torch brings it, a CPU one does not.
+if ! "$VPY" -c 'import triton' 2>/dev/null \
+    && ! "$VPY" -c 'import megatron.core.pipeline_parallel' 2>/dev/null; then
+  echo "[setup] installing triton (megatron-core imports it)"
+  "$VPY" -m pip install -q -c .cache/constraints.txt --no-deps "triton${T2I_TRITON_SPEC:-}"
 fi
 "$VPY" -c 'import torch, megatron.core; print(f"[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}")'

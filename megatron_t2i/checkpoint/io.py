@@ -67,6 +67,9 @@ from megatron_t2i.checkpoint.trust import (
 from megatron_t2i.files import sync_folder
 
 COMMON_FILE = "common.pt"
+# megatron-core 0.17+ saves the common (non-tensor) state as this sharded object inside the DCP
+# files instead of common.pt (and still loads common.pt); its bytes hold `[common_state]`.
+COMMON_OBJECT = "common_state/shard_0_1"
 BACKEND_FILE = "metadata.json"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
@@ -122,7 +125,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.folder = resolve_folder(path)
-        for name in (META_FILE, BACKEND_FILE, DCP_METADATA_FILE, COMMON_FILE):
+        for name in (META_FILE, BACKEND_FILE, DCP_METADATA_FILE):
             if not (self.folder / name).is_file():
                 raise CheckpointError(
                     f"{self.folder} is not a complete trainer checkpoint: {name} is missing")
@@ -137,6 +140,9 @@ class CheckpointReader:
         self._metadata = read_safe_metadata(self.folder)
         self._storage = FileSystemReader(str(self.folder))
         self._storage.set_up_storage_reader(self._metadata, is_coordinator=True)
+        if not (self.folder / COMMON_FILE).is_file() and COMMON_OBJECT not in self.object_keys():
+            raise CheckpointError(f"{self.folder} is not a complete trainer checkpoint: "
+                                  f"{COMMON_FILE} is missing")
 
     # ---- what is there ---------------------------------------------------------------------
     def tensor_keys(self) -> list[str]:
@@ -162,7 +168,10 @@ class CheckpointReader:
 
     def common(self) -> dict[str, Any]:
         try:
-            return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
+            if (self.folder / COMMON_FILE).is_file():
+                return load_object(self.folder / COMMON_FILE, self.folder / COMMON_FILE)
+            where = f"{self.folder} (object {COMMON_OBJECT!r})"
+            return load_object(self.read_object_bytes(COMMON_OBJECT), where)[0]
         except CheckpointError:
             raise
         except Exception as e:

@@ -133,6 +133,20 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def check_core_format(folder: Path) -> None:
+    """megatron-core 0.17+ keeps a checkpoint's common state inside the torch_dist files and
+    writes no common.pt; 0.16.x reads only common.pt and fails deep inside its loader."""
+    import megatron.core
+    from packaging.version import Version
+
+    version = megatron.core.__version__
+    if (folder / "common.pt").is_file() or Version(version) >= Version("0.17"):
+        return
+    raise CheckpointError(f"{folder}: written by megatron-core 0.17 or later (it has no "
+                          f"common.pt); megatron-core {version} cannot load it: install "
+                          "megatron-core >=0.17,<0.20 (docs/platform.md)")
+
+
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     write_text_atomic(Path(folder) / META_FILE, json.dumps(meta, indent=2) + "\n")
 
@@ -205,6 +219,9 @@ def publish_checkpoint(root: Path, state: TrainState, meta: dict[str, Any],
 # torch's zip writer: an errno in a message, or the zip writer's check of a short write.
 _ENOSPC_TEXT = (os.strerror(errno.ENOSPC), f"[Errno {errno.ENOSPC}]")
 _SHORT_WRITE_TEXT = "unexpected pos"
+# megatron-core 0.17+ re-raises a failed writer process without its cause (the short write is
+# only printed by the worker): on a nearly full filesystem that failure is the full disk.
+_WORKER_FAILURE_TEXT = "Worker failure"
 _NEARLY_FULL_BYTES = 64 * 2**20
 
 
@@ -213,7 +230,8 @@ def disk_full_error(error: BaseException, folder: Path, root: Path) -> Checkpoin
     else None. A short write of the zip writer counts when the filesystem is nearly full."""
     text = " ".join(str(e) for e in _exception_chain(error))
     free = shutil.disk_usage(folder if folder.exists() else root).free
-    short_write = _SHORT_WRITE_TEXT in text and free < _NEARLY_FULL_BYTES
+    short_write = (_SHORT_WRITE_TEXT in text or _WORKER_FAILURE_TEXT in text) \
+        and free < _NEARLY_FULL_BYTES
     if not (short_write or any(t in text for t in _ENOSPC_TEXT)):
         return None
     return CheckpointError(f"no space left on device while writing {folder} ({free:,} bytes "

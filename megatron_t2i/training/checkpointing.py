@@ -23,6 +23,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_t2i.checkpoint.layout import (
     CheckpointError,
     TrainState,
+    check_core_format,
     parallel_layout,
     publish_checkpoint,
     read_meta,
@@ -110,6 +111,8 @@ def check_checkpoint(folder: Path, layout: VocabLayout, padded_vocab_size: int,
     check_before_load(folder, verify, dcp=engine == "megatron")
     meta = read_meta(folder)
     check_engine(folder, meta, engine)
+    if engine == "megatron":
+        check_core_format(folder)
     check_vocab(folder, meta, layout, padded_vocab_size)
     return meta
 

@@ -1,7 +1,7 @@
 """No orphaned checkpoint writers: the processes a save starts die with their rank.
 
 megatron-core 0.16.1 writes a save's shards from processes it forks (`multiprocessing` "fork"
-context, `FileSystemWriterAsync.write_preloaded_data_multiproc`), which report through a queue
+context, `FileSystemWriterAsync.write_preloaded_data_multiproc`; 0.17+ uses threads), which report through a queue
 served by a Manager process it spawns once per rank (`filesystem_async._results_queue`). After
 a kill -9 of a rank mid-save, both lived on (seen: a writer for 20+ minutes holding ~340 MB,
 the Manager ~270 MB, and with them the job's output pipes). Here every process forked during a
