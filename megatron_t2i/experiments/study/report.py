@@ -25,6 +25,7 @@ from megatron_t2i.experiments.study.pipeline import (
     forgetting_iterations,
     run_name,
 )
+from megatron_t2i.training.loss import REPORT_KEYS
 
 FIGURES = {
     "fig3_loss.png": "Overall validation loss, text-to-image, seed bands (the paper's Figure 3)",
@@ -70,7 +71,7 @@ def read_curve(run_dir: Path) -> dict[str, list[float]]:
     return {"iteration": [r["iteration"] for r in valid],
             "tokens": [float(seen[r["iteration"]]) for r in valid],
             **{k: [r.get(k, math.nan) for r in valid]
-               for k in ("loss", "loss_text", "loss_image")}}
+               for k in REPORT_KEYS}}
 
 
 def _curves(out: Path, scale: Scale) -> dict[str, dict[int, dict[str, list[float]]]]:
