@@ -90,8 +90,10 @@ def start_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module]
     objects are written now; the tensors by the returned request, which the caller schedules
     (training/async_save.py). Returns it and what meta.json records."""
     sharded = _save_state_dict(state, chunks, optimizer, scheduler, save_optimizer, extras)
-    request = dist_checkpointing.save(sharded, str(folder), content_metadata=OPTIM_METADATA,
-                                      async_sharded_save=True)
+    with writers_die_with_rank():  # its results-queue Manager starts here: ours, guarded
+        request = dist_checkpointing.save(sharded, str(folder),
+                                          content_metadata=OPTIM_METADATA,
+                                          async_sharded_save=True)
     return request, {"has_optimizer": save_optimizer}
 
 

@@ -168,7 +168,7 @@ class Trainer:
             if self.iteration % cfg.train.log_interval == 0:
                 self._log_train(report, elapsed)
             self._stop_after_too_many_skips()
-            self._publish_finished_saves(wait=False)
+            self.publish_finished_saves(wait=False)
             if (cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0
                     or self.iteration in cfg.train.eval_at):
                 self.metrics.log_eval(self.iteration, self.evaluate())
@@ -184,7 +184,7 @@ class Trainer:
                 self._stop_on_signal(signum)
         if cfg.checkpoint.save_at_end and not self._saved_at(self.iteration):
             self.save()
-        self._publish_finished_saves(wait=True)
+        self.publish_finished_saves(wait=True)
         if self.iteration >= cfg.train.train_iters:
             self._end_of_run_pictures()
         return last
@@ -324,7 +324,7 @@ class Trainer:
         """checkpoint.async_save: the megatron engine's writer runs on while training goes
         on; the save is published (meta.json, manifest, rename, `latest`) once it is done on
         every rank (training/async_save.py). One save at a time: the previous one first."""
-        self._publish_finished_saves(wait=True)
+        self.publish_finished_saves(wait=True)
         root = self.cfg.checkpoint_dir
         tmp = layout.begin_save(root, state.iteration)
         request, written = self.engine.start_save(tmp, state, extras)
@@ -335,7 +335,7 @@ class Trainer:
         self.pending_saves.start(request, publish, tmp, root, state.iteration)
         self._print(f"started an asynchronous save of iteration {state.iteration}")
 
-    def _publish_finished_saves(self, wait: bool) -> None:
+    def publish_finished_saves(self, wait: bool) -> None:
         """Collective: publish the asynchronous saves done on every rank (all of them, waiting
         for their writers, when `wait`)."""
         done = self.pending_saves.wait() if wait else self.pending_saves.poll()
@@ -378,7 +378,7 @@ class Trainer:
         self._print(f"{name} received: saving at iteration {self.iteration} and stopping")
         if not self._saved_at(self.iteration):
             self.save()
-        self._publish_finished_saves(wait=True)  # before exit 75: `latest` on the newest save
+        self.publish_finished_saves(wait=True)  # before exit 75: `latest` on the newest save
         self._preempted = True
         raise faults.Preempted(name, self.iteration)
 

@@ -49,7 +49,7 @@ def bench_mode(config: str, overrides: list[str], mode: str, saves: int, steps: 
     try:
         baseline = statistics.median(_step(trainer) for _ in range(steps))
         rounds = [_round(trainer, steps, baseline) for _ in range(saves)]
-        trainer._publish_finished_saves(wait=True)
+        trainer.publish_finished_saves(wait=True)
         counts = trainer.engine.parameter_counts()
         return {"mode": mode, "parameters": counts["total"], "step_s": baseline,
                 "checkpoint_bytes": _folder_bytes(cfg.checkpoint_dir),
@@ -63,7 +63,7 @@ def _step(trainer: Any) -> float:
     trainer.train_step()
     trainer.iteration += 1
     trainer.consumed_samples += trainer.cfg.train.global_batch_size
-    trainer._publish_finished_saves(wait=False)  # the trainer's poll, as in its loop
+    trainer.publish_finished_saves(wait=False)  # the trainer's poll, as in its loop
     return time.perf_counter() - start
 
 
@@ -77,7 +77,7 @@ def _round(trainer: Any, steps: int, baseline: float) -> dict[str, float]:
         if published is None and not trainer.pending_saves.pending():
             published = time.perf_counter() - start
     if trainer.pending_saves.pending():  # not yet done: the rest of the wait is a stall too
-        trainer._publish_finished_saves(wait=True)
+        trainer.publish_finished_saves(wait=True)
         published = time.perf_counter() - start
     out = {"blocking_s": blocking,
            "stall_s": time.perf_counter() - start - steps * baseline}
