@@ -5,7 +5,7 @@
 
 Each mode runs in a process of its own (the trainer owns the process groups): the trainer
 itself (`Trainer.setup()` over random tokens of the config's shapes, bench/throughput.py),
-`--steps` untimed steps, then `--saves` rounds of one save followed by `--steps` timed steps
+one warm-up step and `--steps` steps for the median step time, then `--saves` rounds of one save followed by `--steps` timed steps
 (with the trainer's poll of pending saves after each). Figures per save:
 
 - `blocking_s`: the time the save call holds the training loop (a synchronous save: all of
@@ -47,6 +47,7 @@ def bench_mode(config: str, overrides: list[str], mode: str, saves: int, steps: 
     trainer = Trainer(cfg)
     trainer.setup(build_data=build_synthetic_pipeline)
     try:
+        _step(trainer)  # warm-up: the first step pays for lazy set-up
         baseline = statistics.median(_step(trainer) for _ in range(steps))
         rounds = [_round(trainer, steps, baseline) for _ in range(saves)]
         trainer.publish_finished_saves(wait=True)
