@@ -203,6 +203,9 @@ class CheckpointConfig:
     # Hash every file against the checkpoint's manifest.json before loading (sizes are always
     # checked); false skips the hashing for very large checkpoints on trusted storage.
     verify_checksums: bool = True
+    # Write the shards in a background process while training goes on (megatron-core's
+    # asynchronous dist_checkpointing save); `latest` moves once every rank has finished.
+    async_save: bool = False
 
 
 @dataclasses.dataclass
@@ -804,4 +807,7 @@ def _check_deepspeed(cfg: Config, world_size: int) -> None:
         raise ConfigError("checkpoint.save_optimizer=false cannot work with "
                           "train.engine=deepspeed: ZeRO checkpoints keep the model's fp32 "
                           "weights in the optimizer partitions")
+    if cfg.checkpoint.async_save:
+        raise ConfigError("checkpoint.async_save=true needs the megatron engine "
+                          "(dist_checkpointing); unset it with train.engine=deepspeed")
     deepspeed_config(cfg, world_size, on_cuda=_device(cfg) == "cuda")

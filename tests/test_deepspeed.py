@@ -179,6 +179,8 @@ REFUSED = {
     "nan_policy_skip": (["train.nan_policy=skip"], None, "train.nan_policy=skip needs the "
                                                           "megatron engine"),
     "freeze": (["model.freeze=[attention]"], None, "model.freeze"),
+    "async_save": (["checkpoint.async_save=true"], None,
+                   "checkpoint.async_save=true needs the megatron engine"),
     "fp16_on_cpu": ([], {"fp16": {"enabled": True}}, "cannot run fp16 on the CPU"),
     "disagreeing_key": ([], {"gradient_clipping": 0.5},
                         "gradient_clipping=0.5 disagrees with the value 1.0 generated from "

@@ -222,3 +222,22 @@ def test_rank_killed_mid_save_leaves_no_writer_process(tmp_path: Path, corpus_di
     while (left := _processes_with(marker.encode())) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
+
+
+def test_rank_killed_during_async_save_leaves_no_writer_process(tmp_path: Path,
+                                                                corpus_dir: Path) -> None:
+    """checkpoint.async_save: the rank is SIGKILLed while its asynchronous writer (slowed by
+    the wrapper) runs; the writer, its own forked writers and the results-queue Manager go with
+    it, and `latest` stays on the previous save."""
+    marker = f"T2I_ORPHAN_TEST={tmp_path}"
+    env = train_env(MEGATRON_T2I_KILL_AT="asyncrank@2", T2I_ORPHAN_TEST=str(tmp_path))
+    proc = run_train(tmp_path, corpus_dir, check=False, env=env, timeout=120, overrides=[
+        "train.train_iters=3", "checkpoint.save_interval=1", "checkpoint.async_save=true"],
+        script=REPO / "tests/scripts/train_with_fault.py")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "1"
+    assert (tmp_path / "checkpoints" / "iter_0000002.tmp").exists()  # killed mid-save
+    deadline = time.monotonic() + 10
+    while (left := _processes_with(marker.encode())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left

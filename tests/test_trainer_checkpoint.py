@@ -109,3 +109,43 @@ def test_pretrained_init_loads_model_only(tmp_path, corpus_dir):
     # with lr 0 the weights stay the source's: its validation loss comes back
     assert read_metrics(target, split="valid")[-1]["loss"] == pytest.approx(source_valid,
                                                                             rel=1e-5)
+
+
+ASYNC = ["checkpoint.async_save=true"]
+
+
+def test_async_save_killed_while_pending_resumes_exactly(tmp_path, corpus_dir, uninterrupted):
+    """checkpoint.async_save: a job killed while the save of iteration 4 is being written
+    leaves `latest` on the asynchronous save of iteration 2, from which the same command
+    resumes bit for bit (the same losses as the uninterrupted synchronous run)."""
+    overrides = FOUR + ASYNC + ["checkpoint.save_interval=2"]
+    proc = run_train(tmp_path, corpus_dir, overrides=overrides, check=False,
+                     env=train_env(MEGATRON_T2I_KILL_AT="async@4"), script=FAULT_SCRIPT)
+    assert proc.returncode != 0
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "2"
+    assert (ckpt / "iter_0000002" / "manifest.json").is_file()
+    assert (ckpt / "iter_0000004.tmp").is_dir() and not (ckpt / "iter_0000004").exists()
+    proc = run_train(tmp_path, corpus_dir, overrides=overrides)
+    assert "resumed from" in proc.stdout and "iter_0000002" in proc.stdout
+    assert (ckpt / "latest").read_text().strip() == "4"
+    assert not (ckpt / "iter_0000004.tmp").exists()
+    resumed = read_metrics(tmp_path)[-2:]  # the killed run logged 3 and 4 too
+    assert [r["iteration"] for r in resumed] == [3, 4]
+    assert _losses(resumed, [3, 4]) == _losses(uninterrupted, [3, 4])
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in uninterrupted[2:]]
+
+
+def test_sigterm_during_async_save_waits_publishes_and_exits_75(tmp_path, corpus_dir):
+    """The signal arrives while the save of iteration 2 is being written (its writer sleeps
+    2 s first): the job waits for it, publishes it and exits 75."""
+    proc = run_train(tmp_path, corpus_dir, check=False, script=FAULT_SCRIPT,
+                     overrides=FOUR + ASYNC + ["checkpoint.save_at=[2]"],
+                     env=train_env(MEGATRON_T2I_KILL_AT="term@2"))
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "2"
+    assert (ckpt / "iter_0000002" / "manifest.json").is_file()
+    assert not (ckpt / "iter_0000002.tmp").exists()
+    out = proc.stdout
+    assert out.index("SIGTERM received") < out.index("saved checkpoint")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 from megatron_t2i.checkpoint.layout import (
     CheckpointError,
@@ -77,6 +78,28 @@ def write_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module]
                   extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collective: model, optimizer, scheduler, RNG and train state into `folder` with
     dist_checkpointing; returns what meta.json records about it."""
+    sharded = _save_state_dict(state, chunks, optimizer, scheduler, save_optimizer, extras)
+    with writers_die_with_rank():  # no orphaned writer processes
+        dist_checkpointing.save(sharded, str(folder), content_metadata=OPTIM_METADATA)
+    return {"has_optimizer": save_optimizer}
+
+
+def start_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
+                  scheduler, save_optimizer: bool = True,
+                  extras: dict[str, Any] | None = None) -> tuple[AsyncRequest, dict[str, Any]]:
+    """Collective: the asynchronous form of write_sharded. The common part and the sharded
+    objects are written now; the tensors by the returned request, which the caller schedules
+    (training/async_save.py). Returns it and what meta.json records."""
+    sharded = _save_state_dict(state, chunks, optimizer, scheduler, save_optimizer, extras)
+    with writers_die_with_rank():  # its results-queue Manager starts here: ours, guarded
+        request = dist_checkpointing.save(sharded, str(folder),
+                                          content_metadata=OPTIM_METADATA,
+                                          async_sharded_save=True)
+    return request, {"has_optimizer": save_optimizer}
+
+
+def _save_state_dict(state: TrainState, chunks: list[torch.nn.Module], optimizer, scheduler,
+                     save_optimizer: bool, extras: dict[str, Any] | None) -> dict[str, Any]:
     sharded = model_sharded_state_dict(chunks)
     if save_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False,
@@ -86,9 +109,7 @@ def write_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module]
     sharded["rng_state"] = _rng_sharded_object(is_loading=False)
     sharded["iteration"] = state.iteration
     sharded["consumed_samples"] = state.consumed_samples
-    with writers_die_with_rank():  # no orphaned writer processes
-        dist_checkpointing.save(sharded, str(folder), content_metadata=OPTIM_METADATA)
-    return {"has_optimizer": save_optimizer}
+    return sharded
 
 
 def load_checkpoint(folder: Path, chunks: list[torch.nn.Module], optimizer, scheduler,

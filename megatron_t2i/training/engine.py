@@ -13,7 +13,9 @@ wrapped model, the optimizer and the LR schedule, and supplies:
 - `forward_only(iterators, iterations)`: validation reports, in eval mode;
 - `save(folder, state, extras)` / `load(folder, meta, extras)`: its state, in its format,
   inside a checkpoint folder whose layout, meta.json and publication are the trainer's
-  (checkpoint/layout.py `publish_checkpoint`).
+  (checkpoint/layout.py `publish_checkpoint`). The megatron engine also has
+  `start_save(folder, state, extras)` for `checkpoint.async_save` (training/async_save.py);
+  config validation refuses that option with DeepSpeed.
 
 Neither engine imports the trainer; the trainer knows them only through this protocol.
 """

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -102,6 +103,14 @@ class MegatronEngine:
     def save(self, folder: Path, state: TrainState,
              extras: dict[str, Any] | None) -> dict[str, Any]:
         return checkpointing.write_sharded(folder, state, self.chunks, self.optimizer,
+                                           self.scheduler, self.cfg.checkpoint.save_optimizer,
+                                           extras)
+
+    def start_save(self, folder: Path, state: TrainState,
+                   extras: dict[str, Any] | None) -> tuple[AsyncRequest, dict[str, Any]]:
+        """checkpoint.async_save: like `save`, but the tensors are written by the returned
+        request once scheduled (training/async_save.py); the trainer publishes afterwards."""
+        return checkpointing.start_sharded(folder, state, self.chunks, self.optimizer,
                                            self.scheduler, self.cfg.checkpoint.save_optimizer,
                                            extras)
 

@@ -30,6 +30,7 @@ from megatron_t2i.data.loader import DataPipeline, build_data_pipeline
 from megatron_t2i.distributed import destroy_distributed
 from megatron_t2i.platform import Platform
 from megatron_t2i.training import checkpointing, ema, faults
+from megatron_t2i.training.async_save import PendingSaves
 from megatron_t2i.training.ema import EMA
 from megatron_t2i.training.engine import Engine
 from megatron_t2i.training.flops import flops_per_iteration
@@ -51,6 +52,7 @@ class Trainer:
         self._skip_reason = ""
         self._preempted = False
         self._last_save: int | None = None
+        self.pending_saves = PendingSaves()  # checkpoint.async_save (training/async_save.py)
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, build_data: Callable[[Config, Platform], DataPipeline] | None = None) -> None:
@@ -166,6 +168,7 @@ class Trainer:
             if self.iteration % cfg.train.log_interval == 0:
                 self._log_train(report, elapsed)
             self._stop_after_too_many_skips()
+            self.publish_finished_saves(wait=False)
             if (cfg.train.eval_interval and self.iteration % cfg.train.eval_interval == 0
                     or self.iteration in cfg.train.eval_at):
                 self.metrics.log_eval(self.iteration, self.evaluate())
@@ -181,6 +184,7 @@ class Trainer:
                 self._stop_on_signal(signum)
         if cfg.checkpoint.save_at_end and not self._saved_at(self.iteration):
             self.save()
+        self.publish_finished_saves(wait=True)
         if self.iteration >= cfg.train.train_iters:
             self._end_of_run_pictures()
         return last
@@ -306,11 +310,38 @@ class Trainer:
         if self.ema is not None:
             extras = {ema.KEY: self.ema.sharded_state_dict(self.chunks)}
         state = layout.TrainState(self.iteration, self.consumed_samples)
+        self._last_save = self.iteration
+        if self.cfg.checkpoint.async_save:
+            self._start_async_save(state, meta, extras)
+            return
         folder = layout.publish_checkpoint(
             self.cfg.checkpoint_dir, state, meta,
             lambda tmp: self.engine.save(tmp, state, extras))
-        self._last_save = self.iteration
         self._print(f"saved checkpoint {folder}")
+
+    def _start_async_save(self, state: layout.TrainState, meta: dict[str, Any],
+                          extras: dict[str, Any] | None) -> None:
+        """checkpoint.async_save: the megatron engine's writer runs on while training goes
+        on; the save is published (meta.json, manifest, rename, `latest`) once it is done on
+        every rank (training/async_save.py). One save at a time: the previous one first."""
+        self.publish_finished_saves(wait=True)
+        root = self.cfg.checkpoint_dir
+        tmp = layout.begin_save(root, state.iteration)
+        request, written = self.engine.start_save(tmp, state, extras)
+
+        def publish() -> None:  # module attribute at call time: the crash tests patch it
+            layout.publish_save(root, state, dict(meta, **written))
+
+        self.pending_saves.start(request, publish, tmp, root, state.iteration)
+        self._print(f"started an asynchronous save of iteration {state.iteration}")
+
+    def publish_finished_saves(self, wait: bool) -> None:
+        """Collective: publish the asynchronous saves done on every rank (all of them, waiting
+        for their writers, when `wait`)."""
+        done = self.pending_saves.wait() if wait else self.pending_saves.poll()
+        for iteration in done:
+            folder = layout.iteration_dir(self.cfg.checkpoint_dir, iteration)
+            self._print(f"saved checkpoint {folder} (asynchronous)")
 
     def _saved_at(self, iteration: int) -> bool:
         return self._last_save == iteration
@@ -347,6 +378,7 @@ class Trainer:
         self._print(f"{name} received: saving at iteration {self.iteration} and stopping")
         if not self._saved_at(self.iteration):
             self.save()
+        self.publish_finished_saves(wait=True)  # before exit 75: `latest` on the newest save
         self._preempted = True
         raise faults.Preempted(name, self.iteration)
 
