@@ -403,6 +403,24 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError("model.freeze is implemented for train.engine=megatron only")
     if cfg.train.engine == "deepspeed":
         _check_deepspeed(cfg, world_size)
+    if cfg.checkpoint.async_save:
+        _check_async_save_support()
+
+
+def _check_async_save_support() -> None:
+    """Asynchronous saves are built on megatron-core 0.16's forked writers and results queue;
+    0.17+ write from threads and deprecate that path (their saves were never published in the
+    tests), so the combination is refused rather than left to lose checkpoints."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("megatron-core")
+    except PackageNotFoundError:
+        return
+    if tuple(int(x) for x in re.findall(r"\d+", release)[:2]) >= (0, 17):
+        raise ConfigError(f"checkpoint.async_save=true is supported with megatron-core 0.16.x "
+                          f"only; this is {release} (docs/platform.md): set "
+                          f"checkpoint.async_save=false")
 
 
 # ---- each section on its own -------------------------------------------------------------
