@@ -411,15 +411,11 @@ def _check_async_save_support() -> None:
     """Asynchronous saves are built on megatron-core 0.16's forked writers and results queue;
     0.17+ write from threads and deprecate that path (their saves were never published in the
     tests), so the combination is refused rather than left to lose checkpoints."""
-    from importlib.metadata import PackageNotFoundError, version
+    from megatron_t2i.platform import megatron_core_0_17_or_later, megatron_core_release
 
-    try:
-        release = version("megatron-core")
-    except PackageNotFoundError:
-        return
-    if tuple(int(x) for x in re.findall(r"\d+", release)[:2]) >= (0, 17):
+    if megatron_core_0_17_or_later():
         raise ConfigError(f"checkpoint.async_save=true is supported with megatron-core 0.16.x "
-                          f"only; this is {release} (docs/platform.md): set "
+                          f"only; this is {megatron_core_release()} (docs/platform.md): set "
                           f"checkpoint.async_save=false")
 
 

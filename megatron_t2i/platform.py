@@ -50,6 +50,23 @@ class Platform:
         return torch.device("cpu")
 
 
+def megatron_core_release() -> str:
+    """The installed megatron-core release, from its package metadata (nothing imported)."""
+    from importlib.metadata import version
+
+    return version("megatron-core")
+
+
+def megatron_core_0_17_or_later() -> bool:
+    """megatron-core 0.17 changed two things this project relies on: a save's writers are
+    threads (0.16 forks processes; asynchronous saves are built on those), and a checkpoint's
+    common state lives inside the torch_dist files (0.16 reads only common.pt).
+    docs/platform.md."""
+    from packaging.version import Version
+
+    return Version(megatron_core_release()) >= Version("0.17")
+
+
 def resolve_device(device: str = "auto") -> str:
     """"auto" -> "cuda" when a CUDA device is visible, else "cpu"; the one place it is
     decided (config validation, the DeepSpeed JSON and the platform all ask here)."""

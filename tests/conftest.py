@@ -9,18 +9,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
+
+from megatron_t2i.platform import megatron_core_0_17_or_later
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast variant of configs/demo.yaml for the trainer tests.
 # Asynchronous checkpoint saves are supported on megatron-core 0.16.x only (config refuses them
 # on 0.17+, whose writer threads never published them: docs/platform.md).
-ASYNC_SAVE_SUPPORTED = tuple(int(x) for x in version("megatron-core").split(".")[:2]) < (0, 17)
+ASYNC_SAVE_SUPPORTED = not megatron_core_0_17_or_later()
 needs_async_save = pytest.mark.skipif(not ASYNC_SAVE_SUPPORTED,
                                       reason="checkpoint.async_save needs megatron-core 0.16.x")
 

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_t2i.checkpoint.integrity import write_manifest
 from megatron_t2i.files import publish_folder, staged_folder, write_text_atomic
+from megatron_t2i.platform import megatron_core_0_17_or_later, megatron_core_release
 
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
@@ -136,15 +137,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
 def check_core_format(folder: Path) -> None:
     """megatron-core 0.17+ keeps a checkpoint's common state inside the torch_dist files and
     writes no common.pt; 0.16.x reads only common.pt and fails deep inside its loader."""
-    import megatron.core
-    from packaging.version import Version
-
-    version = megatron.core.__version__
-    if (folder / "common.pt").is_file() or Version(version) >= Version("0.17"):
+    if (folder / "common.pt").is_file() or megatron_core_0_17_or_later():
         return
     raise CheckpointError(f"{folder}: written by megatron-core 0.17 or later (it has no "
-                          f"common.pt); megatron-core {version} cannot load it: install "
-                          "megatron-core >=0.17,<0.20 (docs/platform.md)")
+                          f"common.pt); megatron-core {megatron_core_release()} cannot load it: "
+                          "install megatron-core >=0.17,<0.20 (docs/platform.md)")
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
