@@ -202,14 +202,22 @@ def publish_checkpoint(root: Path, state: TrainState, meta: dict[str, Any],
     `iter_N.tmp/` and returns what meta.json adds about it; then `publish_save`. A full disk
     becomes a one-line CheckpointError, and `latest` stays on the last complete save."""
     tmp = begin_save(root, state.iteration)
-    try:
+    with full_disk_reported(tmp, root):
         written = write(tmp)
+    return publish_save(root, state, dict(meta, **written))
+
+
+@contextlib.contextmanager
+def full_disk_reported(tmp: Path, root: Path) -> Iterator[None]:
+    """Around the writing of `tmp` (a save under `root`): a full disk, however megatron-core's
+    writers or torch's zip writer report it, becomes one CheckpointError line."""
+    try:
+        yield
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         full = disk_full_error(e, tmp, root)
         if full is None:
             raise
         raise full from None
-    return publish_save(root, state, dict(meta, **written))
 
 
 # What a full disk looks like once it has come through megatron-core's writer processes and

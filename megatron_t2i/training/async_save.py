@@ -23,9 +23,8 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
     AsyncCallsQueue,
     AsyncRequest,
 )
-from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_t2i.checkpoint.layout import disk_full_error
+from megatron_t2i.checkpoint.layout import full_disk_reported
 from megatron_t2i.training.writer_guard import writers_die_with_rank
 
 
@@ -60,13 +59,8 @@ class PendingSaves:
     def _finalize(self, blocking: bool) -> list[int]:
         if not self._folders:
             return []
-        try:
+        tmp, root, _ = self._folders[0]
+        with full_disk_reported(tmp, root):
             done = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            tmp, root, _ = self._folders[0]
-            full = disk_full_error(e, tmp, root)
-            if full is None:
-                raise
-            raise full from None
         published = [self._folders.popleft()[2] for _ in done]
         return published
