@@ -327,7 +327,8 @@ class Trainer:
         self.publish_finished_saves(wait=True)
         root = self.cfg.checkpoint_dir
         tmp = layout.begin_save(root, state.iteration)
-        request, written = self.engine.start_save(tmp, state, extras)
+        with layout.full_disk_reported(tmp, root):
+            request, written = self.engine.start_save(tmp, state, extras)
 
         def publish() -> None:  # module attribute at call time: the crash tests patch it
             layout.publish_save(root, state, dict(meta, **written))
