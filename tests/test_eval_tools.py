@@ -74,6 +74,17 @@ def test_forgetting_report(eval_checkpoint, tmp_path):
     assert lines == report["completions"]
 
 
+def test_choices_scored_in_length_buckets_match_one_padded_length(eval_checkpoint, tmp_path):
+    # under PP=2 the stages must form the same buckets, or the schedule's shapes disagree
+    out = tmp_path / "buckets.json"
+    run_tool([str(REPO / "tests/scripts/eval_choice_buckets.py"),
+              str(eval_checkpoint / "checkpoints"), "2", str(out)], nproc=2)
+    scores = json.loads(out.read_text())
+    assert len(set(scores["lengths"])) > 5  # several buckets of different lengths
+    np.testing.assert_allclose(scores["bucketed"], scores["padded"], rtol=1e-5, atol=1e-4)
+    assert np.all(np.asarray(scores["bucketed"]) < 0)
+
+
 def _decode(checkpoint, tmp_path, tp: int) -> dict:
     out = tmp_path / f"decode_tp{tp}.json"
     run_tool([str(REPO / "tests/scripts/eval_decode.py"), str(checkpoint), str(tp), str(out)],
