@@ -28,9 +28,17 @@ if [ -z "$venv_torch" ]; then
   venv_torch=$TORCH_VERSION
 fi
 echo "torch==$venv_torch" > .cache/constraints.txt
-# T2I_MCORE_VERSION pins megatron-core (CI: the newest of the supported range). 0.17 and later
-# declare Requires-Python >=3.12 but ship cp311 wheels that run here (docs/platform.md), so the
-# pin is installed alone, without dependencies, and then held by the constraints file.
+# T2I_MCORE_VERSION pins megatron-core. The test set pins the newest release of the supported
+# range, the one CI runs the whole suite on (unless this python already has a megatron-core, a
+# cluster container's, which the venv then keeps; T2I_MCORE_VERSION= leaves the choice to pip).
+# 0.17 and later declare Requires-Python >=3.12 but ship cp311 wheels that run here
+# (docs/platform.md), so the pin is installed alone, without dependencies, and then held by the
+# constraints file.
+MCORE_CI_VERSION=0.19.2
+if [ "$extras" = test ] && [ -z "${T2I_MCORE_VERSION+set}" ] \
+    && ! "$PY" -c 'import megatron.core' 2>/dev/null; then
+  T2I_MCORE_VERSION=$MCORE_CI_VERSION
+fi
 if [ -n "${T2I_MCORE_VERSION:-}" ]; then
   echo "[setup] installing megatron-core==$T2I_MCORE_VERSION"
   "$VPY" -m pip install -q -c .cache/constraints.txt --no-deps --ignore-requires-python \
