@@ -4,10 +4,12 @@ and a round trip through the token files (images -> preprocess -> .bin/.idx -> c
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
@@ -116,6 +118,14 @@ def test_rerun_reuses_the_cached_model(trained, shapes):
     fresh = vqvae.train_vqvae(changed, **{**TINY, "steps": 1}, cache=other)
     assert not fresh.from_cache and other.is_file()
     assert not vqvae.train_vqvae(shapes.images, **{**TINY, "steps": 1}, cache=other).from_cache
+    copy = path.with_name("copy.safetensors")
+    shutil.copyfile(path, copy)
+    threads = torch.get_num_threads()
+    try:  # another thread count trains another model: not reused either
+        torch.set_num_threads(threads + 1)
+        assert not vqvae.train_vqvae(shapes.images, **{**TINY, "steps": 1}, cache=copy).from_cache
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_files_are_one_line_errors(trained, tmp_path):

@@ -144,8 +144,9 @@ def train_vqvae(images: np.ndarray, *, codebook_size: int, downsample: int, step
         raise ValueError(f"train_vqvae: expected uint8 images (N, S, S, 3), got "
                          f"{images.dtype} {tuple(images.shape)}")
     config = VQVAEConfig(images.shape[1], downsample, codebook_size, code_dim, width)
+    # the thread count too: other threads sum in another order and train another codebook
     settings = {**dataclasses.asdict(config), "steps": steps, "batch_size": batch_size,
-                "seed": seed, "lr": lr}
+                "seed": seed, "lr": lr, "threads": torch.get_num_threads()}
     key = training_key(images, settings)
     if cache is not None and _record(Path(cache)).get("training_key") == key:
         model = load_vqvae(Path(cache))

@@ -109,8 +109,10 @@ class Step:
 
 
 def eval_iterations(iters: int, points: int) -> list[int]:
-    """Step 0 and `points` log-spaced iterations up to the last one."""
-    spaced = np.unique(np.round(np.geomspace(1, iters, points)).astype(int))
+    """Step 0 and `points` log-spaced iterations from 2 up to the last one. Not 1: the first
+    iteration's learning rate is 0 (megatron-core's warmup starts at init_lr 0 and rises after
+    each step), so a validation there repeats step 0."""
+    spaced = np.unique(np.round(np.geomspace(2, iters, points)).astype(int))
     return [0, *[int(i) for i in spaced]]
 
 
