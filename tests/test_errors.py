@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, needs_async_save, read_metrics, run_train, train_env
+from conftest import REPO, read_metrics, run_train, train_env
 
 from megatron_t2i.config import ConfigError, load_config, validate
 from megatron_t2i.data.indexed import DataFileError, open_indexed, paths, write_indexed
@@ -224,7 +224,6 @@ def test_rank_killed_mid_save_leaves_no_writer_process(tmp_path: Path, corpus_di
     assert not left, left
 
 
-@needs_async_save
 def test_rank_killed_during_async_save_leaves_no_writer_process(tmp_path: Path,
                                                                 corpus_dir: Path) -> None:
     """checkpoint.async_save: the rank is SIGKILLed while its asynchronous writer (slowed by
