@@ -403,20 +403,6 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError("model.freeze is implemented for train.engine=megatron only")
     if cfg.train.engine == "deepspeed":
         _check_deepspeed(cfg, world_size)
-    if cfg.checkpoint.async_save:
-        _check_async_save_support()
-
-
-def _check_async_save_support() -> None:
-    """Asynchronous saves are built on megatron-core 0.16's forked writers and results queue;
-    0.17+ write from threads and deprecate that path (their saves were never published in the
-    tests), so the combination is refused rather than left to lose checkpoints."""
-    from megatron_t2i.platform import megatron_core_0_17_or_later, megatron_core_release
-
-    if megatron_core_0_17_or_later():
-        raise ConfigError(f"checkpoint.async_save=true is supported with megatron-core 0.16.x "
-                          f"only; this is {megatron_core_release()} (docs/platform.md): set "
-                          f"checkpoint.async_save=false")
 
 
 # ---- each section on its own -------------------------------------------------------------

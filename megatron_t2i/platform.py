@@ -58,9 +58,9 @@ def megatron_core_release() -> str:
 
 
 def megatron_core_0_17_or_later() -> bool:
-    """megatron-core 0.17 changed two things this project relies on: a save's writers are
-    threads (0.16 forks processes; asynchronous saves are built on those), and a checkpoint's
-    common state lives inside the torch_dist files (0.16 reads only common.pt).
+    """megatron-core 0.17 changed two things this project relies on: an asynchronous save
+    uses NVIDIA Resiliency Extension's writer unless megatron-core's own is asked for, and a
+    checkpoint's common state lives inside the torch_dist files (0.16 reads only common.pt).
     docs/platform.md."""
     from packaging.version import Version
 

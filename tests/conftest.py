@@ -14,17 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_t2i.platform import megatron_core_0_17_or_later
-
 REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast variant of configs/demo.yaml for the trainer tests.
-# Asynchronous checkpoint saves are supported on megatron-core 0.16.x only (config refuses them
-# on 0.17+, whose writer threads never published them: docs/platform.md).
-ASYNC_SAVE_SUPPORTED = not megatron_core_0_17_or_later()
-needs_async_save = pytest.mark.skipif(not ASYNC_SAVE_SUPPORTED,
-                                      reason="checkpoint.async_save needs megatron-core 0.16.x")
-
 TINY = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
     "model.seq_length=80", "data.image_tokens_per_sample=64", "data.synthetic_samples=600",

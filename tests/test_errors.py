@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, needs_async_save, read_metrics, run_train, train_env
+from conftest import REPO, read_metrics, run_train, train_env
 
 from megatron_t2i.config import ConfigError, load_config, validate
 from megatron_t2i.data.indexed import DataFileError, open_indexed, paths, write_indexed
@@ -163,11 +163,14 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_disk_full_during_a_save_names_the_folder(tmp_path: Path, corpus_dir: Path,
-                                                  small_disk: Path) -> None:
+                                                  small_disk: Path, async_save: bool) -> None:
+    """Asynchronous: the writer's failure surfaces when the save is finalized, as the same line."""
     checkpoints = small_disk / "checkpoints"
     proc = run_train(tmp_path / "run", corpus_dir, check=False, overrides=[
-        "train.train_iters=2", "checkpoint.save_interval=1", f"checkpoint.dir={checkpoints}"])
+        "train.train_iters=2", "checkpoint.save_interval=1", f"checkpoint.dir={checkpoints}",
+        f"checkpoint.async_save={str(async_save).lower()}"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no space left on device while writing "
@@ -224,7 +227,6 @@ def test_rank_killed_mid_save_leaves_no_writer_process(tmp_path: Path, corpus_di
     assert not left, left
 
 
-@needs_async_save
 def test_rank_killed_during_async_save_leaves_no_writer_process(tmp_path: Path,
                                                                 corpus_dir: Path) -> None:
     """checkpoint.async_save: the rank is SIGKILLed while its asynchronous writer (slowed by

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import REPO, needs_async_save, read_metrics, run_train, train_env
+from conftest import REPO, read_metrics, run_train, train_env
 
 FOUR = ["train.train_iters=4"]
 FAULT_SCRIPT = REPO / "tests/scripts/train_with_fault.py"  # kills the job at a given point
@@ -114,7 +114,6 @@ def test_pretrained_init_loads_model_only(tmp_path, corpus_dir):
 ASYNC = ["checkpoint.async_save=true"]
 
 
-@needs_async_save
 def test_async_save_killed_while_pending_resumes_exactly(tmp_path, corpus_dir, uninterrupted):
     """checkpoint.async_save: a job killed while the save of iteration 4 is being written
     leaves `latest` on the asynchronous save of iteration 2, from which the same command
@@ -137,7 +136,6 @@ def test_async_save_killed_while_pending_resumes_exactly(tmp_path, corpus_dir, u
     assert [r["lr"] for r in resumed] == [r["lr"] for r in uninterrupted[2:]]
 
 
-@needs_async_save
 def test_sigterm_during_async_save_waits_publishes_and_exits_75(tmp_path, corpus_dir):
     """The signal arrives while the save of iteration 2 is being written (its writer sleeps
     2 s first): the job waits for it, publishes it and exits 75."""

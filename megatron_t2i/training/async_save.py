@@ -1,7 +1,8 @@
 """Asynchronous checkpoint saves (`checkpoint.async_save: true`, megatron engine only).
 
-megatron-core's dist_checkpointing returns an `AsyncRequest` for the tensors of a save; its
-`AsyncCallsQueue` forks one process per rank that writes them while training goes on. A save's
+megatron-core's dist_checkpointing returns an `AsyncRequest` for the tensors of a save (its own
+kind, also on 0.17+: training/checkpointing.py); its `AsyncCallsQueue` forks one process per
+rank that writes them while training goes on. A save's
 finalization (megatron-core's own: the write results and metadata; then ours: meta.json, the
 manifest, the rename and `latest`, checkpoint/layout.py `publish_save`) runs only once the
 writer has finished on *every* rank: the queue all-reduces an is-alive flag before it

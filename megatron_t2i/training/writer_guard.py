@@ -1,13 +1,17 @@
 """No orphaned checkpoint writers: the processes a save starts die with their rank.
 
-megatron-core 0.16.1 writes a save's shards from processes it forks (`multiprocessing` "fork"
-context, `FileSystemWriterAsync.write_preloaded_data_multiproc`; 0.17+ uses threads), which report through a queue
-served by a Manager process it spawns once per rank (`filesystem_async._results_queue`). After
-a kill -9 of a rank mid-save, both lived on (seen: a writer for 20+ minutes holding ~340 MB,
-the Manager ~270 MB, and with them the job's output pipes). Here every process forked during a
-save, and the Manager (started by us, for megatron-core to find), asks the kernel for SIGKILL
-when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`), and exits at once if the parent is
-already gone. Partial files are left in `iter_N.tmp/`, which the next save removes.
+megatron-core 0.16 writes a save's shards from processes it forks, one per write bucket
+(`FileSystemWriterAsync.write_preloaded_data_multiproc`; 0.17+ use threads there), and an
+asynchronous save, on every release, from one more process forked around them
+(`TemporalAsyncCaller`). They report through a queue served by a Manager process spawned once
+per rank (`filesystem_async._results_queue`). After a kill -9 of a rank mid-save, writers and
+Manager lived on (seen: a writer for 20+ minutes holding ~340 MB, the Manager ~270 MB, and
+with them the job's output pipes; on 0.19.2 with this guard off, the asynchronous test job
+ran into its timeout). Here
+every process forked during a save, and the Manager (started by us, for megatron-core to
+find), asks the kernel for SIGKILL when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`), and
+exits at once if the parent is already gone. Partial files are left in `iter_N.tmp/`, which the
+next save removes.
 """
 
 from __future__ import annotations

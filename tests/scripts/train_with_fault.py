@@ -85,13 +85,16 @@ def _slow_async_writer() -> None:
         FileSystemWriterAsync,
     )
 
-    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+    # the function the forked writer runs: it forks per-bucket writers on 0.16, threads on 0.17+
+    name = next(n for n in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
+                if hasattr(FileSystemWriterAsync, n))
+    write = getattr(FileSystemWriterAsync, name)
 
     def slow_write(*args, **kwargs):  # in the forked writer: the save stays in flight
         time.sleep(2.0)
         return write(*args, **kwargs)
 
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
+    setattr(FileSystemWriterAsync, name, staticmethod(slow_write))
 
 
 def _signal_after_async_start(iteration: int, signum: int) -> None:
