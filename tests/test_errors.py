@@ -211,8 +211,9 @@ def _processes_with(marker: str) -> list[str]:
 
 
 def test_rank_killed_mid_save_leaves_no_writer_process(tmp_path: Path, corpus_dir: Path) -> None:
-    """The rank is SIGKILLed while megatron-core's forked shard writers (and its results-queue
-    Manager) run: all of them go with it; before, both lived on, holding the output pipes."""
+    """The rank is SIGKILLed while megatron-core writes shards (0.16: its forked writers and
+    results-queue Manager, which go with it; before, both lived on, holding the output pipes;
+    0.17+: the rank's own writer threads): nothing of the job is left, `latest` stays."""
     marker = f"T2I_ORPHAN_TEST={tmp_path}"
     env = train_env(MEGATRON_T2I_KILL_AT="writer@2", T2I_ORPHAN_TEST=str(tmp_path))
     proc = run_train(tmp_path, corpus_dir, check=False, env=env, timeout=120, overrides=[

@@ -8,9 +8,10 @@
 
 save@N: SIGKILL the job's whole process group (launcher, ranks, dist_checkpointing's helper
 processes) while saving iteration N, after every shard is written and before the save is
-published, as a node failure would. writer@N: SIGKILL the rank from the shard-writer processes
-megatron-core forks while saving iteration N, which then go on as if the rank had died under
-them (a kill -9, the OOM killer). async@N (checkpoint.async_save): SIGKILL the job's process
+published, as a node failure would. writer@N: SIGKILL the rank while megatron-core writes
+the shards of iteration N: on 0.16 from the writer processes it forks, which then go on as if
+the rank had died under them (a kill -9, the OOM killer); on 0.17+, whose synchronous save
+writes from threads of the rank, from one of those threads. async@N (checkpoint.async_save): SIGKILL the job's process
 group while the asynchronous save of iteration N is pending, at the trainer's next poll of it,
 before it can be published. term@N (checkpoint.async_save): the writer of every asynchronous
 save sleeps 2 s first, and the rank sends itself SIGTERM right after starting the save of
@@ -66,6 +67,16 @@ def _kill_rank_from_writer(iteration: int) -> None:
 
     checkpointing.write_sharded = remember_iteration
     os.register_at_fork(after_in_child=in_forked_child)
+    name, write_buckets = _shard_writer()
+    if name == "write_preloaded_data_multithread":
+        # 0.17+: a synchronous save forks no writer; its writer threads run in the rank, and
+        # the rank is killed from one of them
+        def kill_rank_from_thread(*args, **kwargs):
+            if _saving["iteration"] == iteration:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write_buckets(*args, **kwargs)
+
+        _set_shard_writer(name, kill_rank_from_thread)
 
 
 def _kill_job_while_async_save_pending(iteration: int) -> None:
@@ -80,21 +91,34 @@ def _kill_job_while_async_save_pending(iteration: int) -> None:
         setattr(async_save.PendingSaves, name, finalize_or_die)
 
 
-def _slow_async_writer() -> None:
+def _shard_writer():
+    """megatron-core's function that writes a save's buckets, by its name in this release: it
+    forks one writer per bucket on 0.16 and starts threads on 0.17+."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import (
         FileSystemWriterAsync,
     )
 
-    # the function the forked writer runs: it forks per-bucket writers on 0.16, threads on 0.17+
     name = next(n for n in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
                 if hasattr(FileSystemWriterAsync, n))
-    write = getattr(FileSystemWriterAsync, name)
+    return name, getattr(FileSystemWriterAsync, name)
+
+
+def _set_shard_writer(name: str, function) -> None:
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync,
+    )
+
+    setattr(FileSystemWriterAsync, name, staticmethod(function))
+
+
+def _slow_async_writer() -> None:
+    name, write = _shard_writer()
 
     def slow_write(*args, **kwargs):  # in the forked writer: the save stays in flight
         time.sleep(2.0)
         return write(*args, **kwargs)
 
-    setattr(FileSystemWriterAsync, name, staticmethod(slow_write))
+    _set_shard_writer(name, slow_write)
 
 
 def _signal_after_async_start(iteration: int, signum: int) -> None:
