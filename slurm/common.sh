@@ -77,8 +77,14 @@ t2i_step() {
   while :; do
     rc=0
     wait "$pid" || rc=$?
-    # a trapped signal also ends `wait`; only a step that is gone has really exited
-    kill -0 "$pid" 2>/dev/null || break
+    # a trapped signal also ends `wait` (status 128 + the signal); only a step that is gone has
+    # really exited. Its own status comes from one more `wait` (bash keeps it): a step that
+    # exited while the trap ran would otherwise be reported with the trap's 138.
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" || rc=$?
+      break
+    fi
   done
   trap - USR1 TERM
   t2i_log "step exited with status $rc"

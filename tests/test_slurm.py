@@ -202,7 +202,10 @@ def test_pre_timeout_signal_requeues_only_a_step_that_exited_75(tmp_path, step_s
     runs the whole path in test_pre_timeout_signal_saves_requeues_and_resumes."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool, action in (("scancel", 'touch "$T2I_TEST/signalled"'), ("scontrol", "true")):
+    # scancel returns only after the step has exited (a slow controller): the batch shell's
+    # `wait` then ends on the trap with 138 while the step's own status is 75, 1 or 0
+    for tool, action in (("scancel", 'touch "$T2I_TEST/signalled"; sleep 0.5'),
+                         ("scontrol", "true")):
         (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> "$T2I_TEST/calls"\n'
                                     f"{action}\n")
         (bin_dir / tool).chmod(0o755)
