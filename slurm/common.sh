@@ -92,11 +92,11 @@ t2i_step() {
   # with 75, the job goes back to the queue to resume from `latest` under the same job id.
   # Any other status (an error, a save that failed) is not requeued: it would fail again.
   if [ "$T2I_SIGNAL" = USR1 ] && [ "$rc" = "$T2I_PREEMPTED" ]; then
-    if scontrol requeue "$SLURM_JOB_ID"; then
-      t2i_log "requeued job $SLURM_JOB_ID; it resumes from the last checkpoint"
-    else
-      t2i_log "could not requeue job $SLURM_JOB_ID (submitted with --no-requeue?)"
-    fi
+    # logged first: a successful requeue cancels this batch shell at once, often before the
+    # next line would run
+    t2i_log "requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" \
+      || t2i_log "could not requeue job $SLURM_JOB_ID (submitted with --no-requeue?)"
   elif [ -n "$T2I_SIGNAL" ]; then
     t2i_log "not requeued: the step exited $rc after SIG$T2I_SIGNAL, not $T2I_PREEMPTED" \
       "(stopped after a complete checkpoint)"

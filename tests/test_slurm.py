@@ -138,7 +138,7 @@ def test_pre_timeout_signal_saves_requeues_and_resumes(slurm_env, corpus_dir, tm
     log = _log(tmp_path)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, log[-6000:])
     assert "SIGUSR1 received: saving at iteration" in log
-    assert "requeued job" in log and "resumed from" in log
+    assert "requeueing job" in log and "resumed from" in log
     stopped_at = int(log.split("SIGUSR1 received: saving at iteration ")[1].split()[0])
     assert 0 < stopped_at < ITERS
     # each iteration logged once, and the losses of the job that was never interrupted
@@ -226,7 +226,7 @@ def test_pre_timeout_signal_requeues_only_a_step_that_exited_75(tmp_path, step_s
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0] == "scancel --signal=USR1 77"
     assert (calls[1:] == ["scontrol requeue 77"]) is requeued, (calls, out)
-    assert ("requeued job 77" in out) is requeued
+    assert ("requeueing job 77" in out) is requeued
     if not requeued:
         assert f"not requeued: the step exited {step_status} after SIGUSR1, not 75" in out
 
