@@ -74,18 +74,14 @@ t2i_step() {
   trap '_t2i_forward TERM' TERM
   "$@" &
   local pid=$! rc
-  while :; do
-    rc=0
-    wait "$pid" || rc=$?
-    # a trapped signal also ends `wait` (status 128 + the signal); only a step that is gone has
-    # really exited. Its own status comes from one more `wait` (bash keeps it): a step that
-    # exited while the trap ran would otherwise be reported with the trap's 138.
-    if ! kill -0 "$pid" 2>/dev/null; then
-      rc=0
-      wait "$pid" || rc=$?
-      break
-    fi
+  # a trapped signal also ends `wait` (status 128 + the signal), so wait until the step is
+  # gone; its own status then comes from one more `wait` (bash keeps it): a step that exited
+  # while the trap ran would otherwise be reported with the trap's 138
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" || true
   done
+  rc=0
+  wait "$pid" || rc=$?
   trap - USR1 TERM
   t2i_log "step exited with status $rc"
   # USR1 is the pre-timeout warning (--signal=B:USR1@SECONDS): when the ranks saved and left

@@ -85,13 +85,6 @@ def write_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module]
     return {"has_optimizer": save_optimizer}
 
 
-# megatron-core 0.17+ default to NVIDIA Resiliency Extension's asynchronous writer
-# (`async_strategy="nvrx"`), a package this project does not depend on: without it every
-# asynchronous save failed (ModuleNotFoundError). megatron-core's own writer, the only one on
-# 0.16, is the one training/async_save.py schedules and tests.
-_MCORE_ASYNC = {"async_strategy": "mcore"} if megatron_core_0_17_or_later() else {}
-
-
 def start_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module], optimizer,
                   scheduler, save_optimizer: bool = True,
                   extras: dict[str, Any] | None = None) -> tuple[AsyncRequest, dict[str, Any]]:
@@ -100,10 +93,15 @@ def start_sharded(folder: Path, state: TrainState, chunks: list[torch.nn.Module]
     the sharded objects now on 0.16 (common.pt), by the request on 0.17+ (inside the torch_dist
     files). Returns it and what meta.json records."""
     sharded = _save_state_dict(state, chunks, optimizer, scheduler, save_optimizer, extras)
+    # 0.17+ default to NVIDIA Resiliency Extension's writer (`async_strategy="nvrx"`), a package
+    # this project does not depend on: without it every asynchronous save failed
+    # (ModuleNotFoundError). megatron-core's own writer, the only one on 0.16, is the one
+    # training/async_save.py schedules and tests.
+    writer = {"async_strategy": "mcore"} if megatron_core_0_17_or_later() else {}
     with writers_die_with_rank():  # its results-queue Manager starts here: ours, guarded
         request = dist_checkpointing.save(sharded, str(folder),
                                           content_metadata=OPTIM_METADATA,
-                                          async_sharded_save=True, **_MCORE_ASYNC)
+                                          async_sharded_save=True, **writer)
     return request, {"has_optimizer": save_optimizer}
 
 

@@ -7,11 +7,10 @@ asynchronous save, on every release, from one more process forked around them
 per rank (`filesystem_async._results_queue`). After a kill -9 of a rank mid-save, writers and
 Manager lived on (seen: a writer for 20+ minutes holding ~340 MB, the Manager ~270 MB, and
 with them the job's output pipes; on 0.19.2 with this guard off, the asynchronous test job
-ran into its timeout). Here
-every process forked during a save, and the Manager (started by us, for megatron-core to
-find), asks the kernel for SIGKILL when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`), and
-exits at once if the parent is already gone. Partial files are left in `iter_N.tmp/`, which the
-next save removes.
+ran into its timeout). Here every process forked during a save, and the Manager (started by
+us, for megatron-core to find), asks the kernel for SIGKILL when its parent dies (Linux
+`prctl(PR_SET_PDEATHSIG)`), and exits at once if the parent is already gone. Partial files are
+left in `iter_N.tmp/`, which the next save removes.
 """
 
 from __future__ import annotations

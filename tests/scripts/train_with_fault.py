@@ -11,9 +11,9 @@ processes) while saving iteration N, after every shard is written and before the
 published, as a node failure would. writer@N: SIGKILL the rank while megatron-core writes
 the shards of iteration N: on 0.16 from the writer processes it forks, which then go on as if
 the rank had died under them (a kill -9, the OOM killer); on 0.17+, whose synchronous save
-writes from threads of the rank, from one of those threads. async@N (checkpoint.async_save): SIGKILL the job's process
-group while the asynchronous save of iteration N is pending, at the trainer's next poll of it,
-before it can be published. term@N (checkpoint.async_save): the writer of every asynchronous
+writes from threads of the rank, from one of those threads. async@N (checkpoint.async_save):
+SIGKILL the job's process group while the asynchronous save of iteration N is pending, at the
+trainer's next poll of it, before it can be published. term@N (checkpoint.async_save): the writer of every asynchronous
 save sleeps 2 s first, and the rank sends itself SIGTERM right after starting the save of
 iteration N, so the signal arrives while that save is being written. asyncrank@N: the same
 slowed writer, and the rank SIGKILLs itself right after starting the save of iteration N.
